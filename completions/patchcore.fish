@@ -1,0 +1,1 @@
+complete --command patchcore --no-files --arguments "(env _PATCHCORE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) patchcore)" --condition "env _PATCHCORE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) patchcore"

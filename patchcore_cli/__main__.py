@@ -1,0 +1,3 @@
+from patchcore_cli.cli import main
+
+main()

@@ -1,0 +1,665 @@
+"""The Typer app: parsing, console output and exit codes. All computation lives in the engine.
+
+stdout carries results (tables, or one JSON/CSV document); progress, warnings and errors go to stderr.
+torch, torchvision and faiss are imported inside commands so that `--help` and completion stay fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from patchcore_cli import __version__
+from patchcore_cli.errors import PatchcoreError
+
+app = typer.Typer(
+    name="patchcore",
+    help="PatchCore anomaly detection: fit on good images, then score, evaluate and benchmark.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+out = Console(soft_wrap=False)
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handle_errors(command: F) -> F:
+    """Turn domain errors into one line on stderr and their exit code; Ctrl-C exits 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except PatchcoreError as exc:
+            err.print(f"[bold red]error:[/] {exc.message}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"patchcore {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """PatchCore anomaly detection (Roth et al., CVPR 2022) on an ordinary CPU."""
+
+
+class RichProgress:
+    """Engine progress as Rich bars on stderr, one per stage."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description:>12}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            disable=not enabled,
+        )
+        self.task: Any = None
+
+    def __enter__(self) -> RichProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.task is not None:
+            task = self.progress.tasks[-1]
+            if task.total is None:
+                self.progress.update(self.task, total=1, completed=1)
+        self.progress.stop()
+
+    def start(self, stage: str, total: int | None) -> None:
+        if self.task is not None:
+            task = self.progress.tasks[-1]
+            if task.total is None:
+                self.progress.update(self.task, total=1, completed=1)
+        self.task = self.progress.add_task(stage, total=total)
+
+    def advance(self, count: int = 1) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, count)
+
+
+# --- options shared by several commands -------------------------------------------------------------
+
+BackboneOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--backbone",
+        "-b",
+        help="Backbone: wide_resnet50_2 (default), resnet18, resnet50, efficientnet_lite0/1/2.",
+    ),
+]
+WeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--weights",
+        help="Local backbone weights file (.pth state dict). 'random' = untrained weights, for tests only.",
+    ),
+]
+LayersOpt = Annotated[
+    str | None, typer.Option("--layers", help="Backbone stages to use, e.g. layer2,layer3 (default).")
+]
+CoresetOpt = Annotated[float | None, typer.Option("--coreset", help="Coreset ratio in (0, 1]; default 0.1.")]
+DimOpt = Annotated[int | None, typer.Option("--dim", help="Embedding dimension cap; default 1024.")]
+ImageSizeOpt = Annotated[
+    int | None, typer.Option("--image-size", help="Resize shorter side to this; default 256.")
+]
+CropOpt = Annotated[int | None, typer.Option("--crop", help="Centre-crop size; default 224.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for coreset and calibration; default 42.")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Images per forward pass; default 8.")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch and faiss.")]
+PrecisionOpt = Annotated[
+    str | None, typer.Option("--precision", help="fp32 (default) or bf16 (channels-last + autocast).")
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="YAML file of options; command-line options override it.")
+]
+MaxPixelsOpt = Annotated[
+    int | None, typer.Option("--max-pixels", help="Refuse images with more pixels than this (default 64M).")
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")
+]
+
+
+def _max_pixels(value: int | None) -> int:
+    from patchcore_cli.data import DEFAULT_MAX_PIXELS
+
+    return value if value is not None else DEFAULT_MAX_PIXELS
+
+
+def _warn_random(random_weights: bool) -> None:
+    if random_weights:
+        err.print("[bold yellow]warning:[/] using RANDOM backbone weights (--weights random): for tests only")
+
+
+# --- fit -------------------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def fit(
+    inputs: Annotated[
+        list[str], typer.Argument(help="Folders, files or globs of GOOD images.", show_default=False)
+    ],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Bank file to write.")] = Path("bank.st"),
+    backbone: BackboneOpt = None,
+    weights: WeightsOpt = None,
+    layers: LayersOpt = None,
+    coreset: CoresetOpt = None,
+    dim: DimOpt = None,
+    image_size: ImageSizeOpt = None,
+    crop: CropOpt = None,
+    seed: SeedOpt = None,
+    batch_size: BatchOpt = None,
+    threads: ThreadsOpt = None,
+    precision: PrecisionOpt = None,
+    config_file: ConfigOpt = None,
+    max_pixels: MaxPixelsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fit a memory bank on good images and calibrate its threshold (from good images only)."""
+    from patchcore_cli import bank as bank_io
+    from patchcore_cli import config as config_mod
+    from patchcore_cli.data import list_images
+    from patchcore_cli.engine import fit as run_fit
+
+    config = config_mod.build(
+        config_file,
+        backbone=backbone,
+        weights=weights,
+        layers=layers,
+        coreset=coreset,
+        dim=dim,
+        image_size=image_size,
+        crop=crop,
+        seed=seed,
+        batch_size=batch_size,
+        threads=threads,
+        precision=precision,
+    )
+    paths = list_images(inputs)
+    _warn_random(config.weights == "random")
+    with RichProgress(enabled=not as_json or err.is_terminal) as progress:
+        result = run_fit(paths, config, progress=progress, max_pixels=_max_pixels(max_pixels))
+        with result.timings.stage("bank write"):
+            bank_io.save(result.bank, out_path)
+    from patchcore_cli import report
+
+    if as_json:
+        print(json.dumps(report.fit_json(result, out_path)))
+    else:
+        out.print(report.fit_table(result, out_path))
+
+
+# --- score -----------------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def score(
+    inputs: Annotated[
+        list[str], typer.Argument(help="Images, folders or globs to score.", show_default=False)
+    ],
+    bank_path: Annotated[Path, typer.Option("--bank", help="Bank file written by `patchcore fit`.")] = Path(
+        "bank.st"
+    ),
+    as_json: JsonOpt = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV on stdout instead of a table.")] = False,
+    heatmaps: Annotated[
+        Path | None, typer.Option("--heatmaps", help="Write heatmap overlays (PNG, original size) here.")
+    ] = None,
+    masks: Annotated[
+        Path | None, typer.Option("--masks", help="Write binary defect masks (PNG) here.")
+    ] = None,
+    fail_on_anomaly: Annotated[
+        bool, typer.Option("--fail-on-anomaly", help="Exit with code 1 if any image is anomalous.")
+    ] = False,
+    skip_bad: Annotated[
+        bool,
+        typer.Option("--skip-bad", help="Skip unreadable images (listed in the output) instead of stopping."),
+    ] = False,
+    fail_on_skip: Annotated[
+        bool,
+        typer.Option("--fail-on-skip", help="With --skip-bad: exit with code 1 if any file was skipped."),
+    ] = False,
+    weights: WeightsOpt = None,
+    batch_size: BatchOpt = None,
+    threads: ThreadsOpt = None,
+    max_pixels: MaxPixelsOpt = None,
+) -> None:
+    """Score images against a bank: raw score, normalised score (threshold = 0.5) and verdict."""
+    from patchcore_cli import bank as bank_io
+    from patchcore_cli import report
+    from patchcore_cli.data import list_images
+    from patchcore_cli.engine import Scorer
+
+    if as_json and as_csv:
+        raise typer.BadParameter("choose one of --json and --csv")
+    paths = list_images(inputs)
+    bank = bank_io.load(bank_path)
+    scorer = Scorer(bank, batch_size=batch_size, threads=threads, weights=weights, bank_path=str(bank_path))
+    _warn_random(scorer.extractor.random_weights)
+    for folder in (heatmaps, masks):
+        if folder is not None:
+            _make_dir(folder)
+    used_heat: set[str] = set()
+    used_mask: set[str] = set()
+
+    def write_outputs(result: Any) -> None:
+        if result.error is not None or result.anomaly_map is None:
+            return
+        _write_maps(result, heatmaps, masks, scorer, used_heat, used_mask)
+
+    keep_maps = heatmaps is not None or masks is not None
+    with RichProgress(enabled=not (as_json or as_csv) or err.is_terminal) as progress:
+        results = scorer.score_paths(
+            paths,
+            progress=progress,
+            keep_maps=keep_maps,
+            skip_bad=skip_bad,
+            max_pixels=_max_pixels(max_pixels),
+            on_result=write_outputs,
+        )
+    records = [report.score_record(r) for r in results]
+    skipped = [r for r in results if r.error is not None]
+    if as_json:
+        print(json.dumps({"bank": str(bank_path), "threshold": scorer.threshold, "results": records}))
+    elif as_csv:
+        sys.stdout.write(report.csv_text(records, ["file", "score", "normalized", "anomalous", "error"]))
+    else:
+        out.print(report.score_table(results, scorer.threshold))
+        flagged = sum(bool(r.anomalous) for r in results)
+        err.print(f"{len(results) - len(skipped)} scored, {flagged} anomalous, {len(skipped)} skipped")
+    if skipped:
+        err.print(f"[yellow]skipped {len(skipped)} unreadable file(s)[/]")
+    if (fail_on_anomaly and any(r.anomalous for r in results)) or (fail_on_skip and skipped):
+        raise typer.Exit(1)
+
+
+def _make_dir(folder: Path) -> None:
+    from patchcore_cli.errors import OutputError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create folder ({exc.strerror or exc})") from exc
+
+
+def _write_maps(
+    result: Any,
+    heatmaps: Path | None,
+    masks: Path | None,
+    scorer: Any,
+    used_heat: set[str],
+    used_mask: set[str],
+) -> None:
+    import numpy as np
+
+    from patchcore_cli import report
+    from patchcore_cli.data import load_image
+
+    full, inspected = report.map_to_original(result.anomaly_map, result.geometry)
+    pixel_threshold = float(scorer.bank.calibration["pixel_threshold"])
+    if heatmaps is not None:
+        image = np.asarray(load_image(result.path))
+        picture = report.overlay(image, full, inspected, scale=2.0 * pixel_threshold)
+        report.save_png(heatmaps / report.output_name(result.path, used_heat, "_heatmap"), picture)
+    if masks is not None:
+        binary = ((full >= pixel_threshold) & inspected).astype(np.uint8) * 255
+        report.save_png(masks / report.output_name(result.path, used_mask, "_mask"), binary)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+# --- evaluate --------------------------------------------------------------------------------------
+
+NoPixelOpt = Annotated[
+    bool, typer.Option("--no-pixel-metrics", help="Skip pixel AUROC and AUPRO (no masks needed).")
+]
+OutDirOpt = Annotated[
+    Path | None, typer.Option("--out", help="Folder for results.json, results.csv, results.md.")
+]
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    dataset: Annotated[
+        Path | None,
+        typer.Argument(
+            help="An MVTec AD category folder (test/, ground_truth/). Or use --good/--defect.",
+            show_default=False,
+        ),
+    ] = None,
+    bank_path: Annotated[Path, typer.Option("--bank", help="Bank file written by `patchcore fit`.")] = Path(
+        "bank.st"
+    ),
+    good: Annotated[
+        list[Path] | None, typer.Option("--good", help="Folder of good test images (generic layout).")
+    ] = None,
+    defect: Annotated[
+        list[Path] | None,
+        typer.Option("--defect", help="Folder of defective images; repeat for each defect type."),
+    ] = None,
+    masks: Annotated[
+        list[Path] | None, typer.Option("--masks", help="Folder of masks (<stem>.png or <stem>_mask.png).")
+    ] = None,
+    no_pixel_metrics: NoPixelOpt = False,
+    as_json: JsonOpt = False,
+    out_dir: OutDirOpt = None,
+    weights: WeightsOpt = None,
+    batch_size: BatchOpt = None,
+    threads: ThreadsOpt = None,
+    max_pixels: MaxPixelsOpt = None,
+) -> None:
+    """Score a labelled test set with a bank: image/pixel AUROC, AUPRO, thresholded metrics."""
+    from patchcore_cli import bank as bank_io
+    from patchcore_cli import report
+    from patchcore_cli.data import mvtec_category, test_split
+    from patchcore_cli.engine import Scorer
+    from patchcore_cli.errors import ConfigError
+    from patchcore_cli.evaluation import evaluate as run_evaluate
+
+    require = not no_pixel_metrics
+    if dataset is not None and (good or defect):
+        raise ConfigError("give either a DATASET folder or --good/--defect, not both")
+    if dataset is not None:
+        split = mvtec_category(dataset.parent, dataset.name, require_masks=require)
+    elif good and defect:
+        split = test_split(good, defect, masks or [], require_masks=require)
+    else:
+        raise ConfigError("evaluate needs a DATASET folder, or --good DIR and --defect DIR")
+    bank = bank_io.load(bank_path)
+    scorer = Scorer(bank, batch_size=batch_size, threads=threads, weights=weights, bank_path=str(bank_path))
+    _warn_random(scorer.extractor.random_weights)
+    with RichProgress(enabled=not as_json or err.is_terminal) as progress:
+        evaluation = run_evaluate(scorer, split, require, progress, _max_pixels(max_pixels))
+    data = {"bank": str(bank_path), **evaluation.as_dict()}
+    if out_dir is not None:
+        _make_dir(out_dir)
+        report.write_json(out_dir / "results.json", data)
+        report.write_text(
+            out_dir / "results.csv",
+            report.csv_text(evaluation.images, ["file", "label", "defect_type", "score", "anomalous"]),
+        )
+        report.write_text(out_dir / "results.md", report.evaluation_markdown(evaluation))
+    if as_json:
+        print(json.dumps(data))
+    else:
+        out.print(report.evaluation_table(evaluation))
+
+
+# --- benchmark -------------------------------------------------------------------------------------
+
+bench_app = typer.Typer(
+    help="Fit and evaluate per dataset; print one table per metric (rows = backbones/configs).",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="benchmark")
+
+MultiBackboneOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--backbone", "-b", help="Backbone for one row; repeat for several rows. Default wide_resnet50_2."
+    ),
+]
+MultiConfigOpt = Annotated[
+    list[Path] | None, typer.Option("--config", help="YAML config for one row variant; repeat for several.")
+]
+ProfileOpt = Annotated[bool, typer.Option("--profile", help="Print a per-stage time breakdown.")]
+
+
+def _row_configs(
+    backbones: list[str] | None, configs: list[Path] | None, overrides: dict[str, Any]
+) -> list[tuple[str, Any]]:
+    from patchcore_cli import config as config_mod
+
+    rows = []
+    for config_file in configs or [None]:
+        for backbone in backbones or [None]:
+            built = config_mod.build(config_file, **{**overrides, "backbone": backbone})
+            label = built.backbone if config_file is None else f"{built.backbone} [{config_file.stem}]"
+            rows.append((label, built))
+    return rows
+
+
+def _run_benchmark(
+    splits: list[Any],
+    rows: list[tuple[str, Any]],
+    columns: list[str],
+    pixel: bool,
+    out_dir: Path | None,
+    as_json: bool,
+    max_pixels: int | None,
+    profile: bool = False,
+) -> None:
+    from patchcore_cli import report
+    from patchcore_cli.evaluation import benchmark as run_benchmark
+
+    for _, config in rows:
+        _warn_random(config.weights == "random")
+
+    def announce(row: Any) -> None:
+        err.print(
+            f"[bold]{row.row}[/] / {row.dataset}: image AUROC {report.fmt(row.metric('image_auroc'))}, "
+            f"pixel AUROC {report.fmt(row.metric('pixel_auroc'))}, AUPRO {report.fmt(row.metric('aupro'))}"
+        )
+
+    with RichProgress(enabled=not as_json or err.is_terminal) as progress:
+        results = run_benchmark(splits, rows, pixel, progress, announce, _max_pixels(max_pixels), profile)
+    data = {"columns": columns, "results": [r.as_dict() for r in results]}
+    if out_dir is not None:
+        _make_dir(out_dir)
+        report.write_json(out_dir / "results.json", data)
+        report.write_text(out_dir / "results.csv", report.benchmark_csv(results))
+        report.write_text(out_dir / "results.md", report.benchmark_markdown(results, columns))
+    if as_json:
+        print(json.dumps(data))
+        return
+    for table in report.benchmark_tables(results, columns):
+        out.print(table)
+    out.print(report.timing_table(results))
+    if profile:
+        for table in report.profile_tables(results):
+            out.print(table)
+
+
+def _fit_overrides(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@bench_app.command("mvtec")
+@handle_errors
+def benchmark_mvtec(
+    root: Annotated[
+        Path | None, typer.Option("--root", help="MVTec AD root. Default $MVTEC_ROOT or ./datasets/MVTecAD.")
+    ] = None,
+    backbone: MultiBackboneOpt = None,
+    categories: Annotated[
+        str | None, typer.Option("--categories", help="Comma-separated categories (default: all present).")
+    ] = None,
+    seed: SeedOpt = None,
+    config_files: MultiConfigOpt = None,
+    weights: WeightsOpt = None,
+    layers: LayersOpt = None,
+    coreset: CoresetOpt = None,
+    dim: DimOpt = None,
+    image_size: ImageSizeOpt = None,
+    crop: CropOpt = None,
+    batch_size: BatchOpt = None,
+    threads: ThreadsOpt = None,
+    precision: PrecisionOpt = None,
+    no_pixel_metrics: NoPixelOpt = False,
+    out_dir: OutDirOpt = None,
+    as_json: JsonOpt = False,
+    profile: ProfileOpt = False,
+    max_pixels: MaxPixelsOpt = None,
+) -> None:
+    """MVTec AD: fit on train/good and evaluate on test/ for each category present under --root."""
+    import os
+
+    from patchcore_cli.data import MVTEC_CATEGORIES, mvtec_available, mvtec_category
+    from patchcore_cli.errors import ConfigError, InputError
+
+    root = root or Path(os.environ.get("MVTEC_ROOT", "datasets/MVTecAD"))
+    present, missing = mvtec_available(root)
+    wanted = [c.strip() for c in categories.split(",") if c.strip()] if categories else list(MVTEC_CATEGORIES)
+    unknown = [c for c in wanted if c not in MVTEC_CATEGORIES]
+    if unknown:
+        raise ConfigError(f"unknown MVTec AD categories: {', '.join(unknown)}")
+    absent = [c for c in wanted if c in missing]
+    if absent:
+        err.print(
+            f"[yellow]note:[/] skipping {len(absent)} categories not found under {root}: {', '.join(absent)}"
+        )
+    run = [c for c in wanted if c in present]
+    if not run:
+        raise InputError(f"{root}: none of the requested MVTec AD categories is present")
+    splits = [mvtec_category(root, c, require_masks=not no_pixel_metrics) for c in run]
+    overrides = _fit_overrides(
+        seed=seed,
+        weights=weights,
+        layers=layers,
+        coreset=coreset,
+        dim=dim,
+        image_size=image_size,
+        crop=crop,
+        batch_size=batch_size,
+        threads=threads,
+        precision=precision,
+    )
+    rows = _row_configs(backbone, config_files, overrides)
+    _run_benchmark(
+        splits, rows, list(MVTEC_CATEGORIES), not no_pixel_metrics, out_dir, as_json, max_pixels, profile
+    )
+
+
+@bench_app.command("folder")
+@handle_errors
+def benchmark_folder(
+    good: Annotated[list[Path], typer.Option("--good", help="Folder(s) of good images.")],
+    defect: Annotated[
+        list[Path], typer.Option("--defect", help="Folder of defective images; repeat per type.")
+    ],
+    train: Annotated[
+        list[Path] | None,
+        typer.Option("--train", help="Training folder(s); default: a seeded split of --good."),
+    ] = None,
+    masks: Annotated[list[Path] | None, typer.Option("--masks", help="Folder(s) holding masks.")] = None,
+    train_fraction: Annotated[
+        float,
+        typer.Option("--train-fraction", help="Share of --good used for training when --train is absent."),
+    ] = 0.5,
+    name: Annotated[str, typer.Option("--name", help="Dataset name in the tables.")] = "folder",
+    backbone: MultiBackboneOpt = None,
+    seed: SeedOpt = None,
+    config_files: MultiConfigOpt = None,
+    weights: WeightsOpt = None,
+    layers: LayersOpt = None,
+    coreset: CoresetOpt = None,
+    dim: DimOpt = None,
+    image_size: ImageSizeOpt = None,
+    crop: CropOpt = None,
+    batch_size: BatchOpt = None,
+    threads: ThreadsOpt = None,
+    precision: PrecisionOpt = None,
+    no_pixel_metrics: NoPixelOpt = False,
+    out_dir: OutDirOpt = None,
+    as_json: JsonOpt = False,
+    profile: ProfileOpt = False,
+    max_pixels: MaxPixelsOpt = None,
+) -> None:
+    """Your own data: good and defective folders (masks beside images or in --masks)."""
+    from patchcore_cli.data import folder_split
+
+    split = folder_split(
+        good,
+        defect,
+        train=train,
+        masks=masks or [],
+        require_masks=not no_pixel_metrics,
+        train_fraction=train_fraction,
+        seed=seed if seed is not None else 42,
+        name=name,
+    )
+    overrides = _fit_overrides(
+        seed=seed,
+        weights=weights,
+        layers=layers,
+        coreset=coreset,
+        dim=dim,
+        image_size=image_size,
+        crop=crop,
+        batch_size=batch_size,
+        threads=threads,
+        precision=precision,
+    )
+    rows = _row_configs(backbone, config_files, overrides)
+    _run_benchmark([split], rows, [name], not no_pixel_metrics, out_dir, as_json, max_pixels, profile)
+
+
+# --- demo ------------------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def demo(
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Keep the generated data and results here (default: a temp folder)."),
+    ] = None,
+    backbone: Annotated[
+        str, typer.Option("--backbone", "-b", help="Backbone to run.")
+    ] = "efficientnet_lite0",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the generated data.")] = 0,
+    weights: WeightsOpt = None,
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate a synthetic inspection dataset and run fit + evaluate + the benchmark tables on it."""
+    import tempfile
+    import time
+
+    from patchcore_cli import config as config_mod
+    from patchcore_cli.data import mvtec_category
+    from patchcore_cli.synthetic import CATEGORIES, generate_dataset
+
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="patchcore-demo-") as scratch:
+        base = out_dir or Path(scratch)
+        data_root = base / "data"
+        err.print(f"generating synthetic dataset ({', '.join(CATEGORIES)}) in {data_root}")
+        generate_dataset(data_root, seed=seed)
+        splits = [mvtec_category(data_root, category) for category in CATEGORIES]
+        config = config_mod.build(backbone=backbone, weights=weights, threads=threads)
+        _run_benchmark(splits, [(config.backbone, config)], list(CATEGORIES), True, out_dir, as_json, None)
+    err.print(f"demo finished in {time.perf_counter() - began:.1f} s")

@@ -1,0 +1,180 @@
+"""Fit configuration: defaults from the paper, a YAML file, and command-line overrides, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from patchcore_cli.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything that decides what a bank contains. Stored in the bank; `score` reuses it."""
+
+    backbone: str = "wide_resnet50_2"
+    weights: str | None = None
+    layers: tuple[str, ...] = ("layer2", "layer3")
+    image_size: int = 256  # paper §4.1: resize to 256 ...
+    crop: int = 224  # ... and centre-crop to 224
+    dim: int = 1024  # reference implementation's target embedding dimension
+    coreset: float = 0.1  # paper §4.2: PatchCore-10%
+    projection_dim: int = 128  # paper §3.2: random projection for coreset distances
+    seed: int = 42
+    num_neighbors: int = 9  # paper eq. 7: b = 9; 1 turns the reweighting off
+    sigma: float = 4.0  # paper §3.3
+    precision: str = "fp32"
+    threshold_sigma: float = 3.0
+    calibration_images: int = 50
+    batch_size: int = 8
+    threads: int | None = None
+
+    # Options that change how fast a bank is made, not what it contains.
+    RUNTIME = ("weights", "batch_size", "threads")
+
+    def model_dict(self) -> dict[str, Any]:
+        """The fields stored in a bank's `config` metadata."""
+        data = dataclasses.asdict(self)
+        for key in self.RUNTIME:
+            data.pop(key)
+        data["layers"] = list(self.layers)
+        return data
+
+
+_FIELDS = {f.name: f for f in fields(FitConfig)}
+_INT_FIELDS = {
+    "image_size",
+    "crop",
+    "dim",
+    "projection_dim",
+    "seed",
+    "num_neighbors",
+    "calibration_images",
+    "batch_size",
+    "threads",
+}
+_FLOAT_FIELDS = {"coreset", "sigma", "threshold_sigma"}
+_STR_FIELDS = {"backbone", "weights", "precision"}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    if value is None and key in ("weights", "threads"):
+        return None
+    if key == "layers":
+        if isinstance(value, str):
+            value = [part.strip() for part in value.replace("+", ",").split(",") if part.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{source}: 'layers' must be a list of stage names such as [layer2, layer3]")
+        return tuple(value)
+    if key in _INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key!r} must be an integer, got {value!r}")
+        return value
+    if key in _FLOAT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{source}: {key!r} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{source}: {key!r} must be a string, got {value!r}")
+    return value
+
+
+def validate(config: FitConfig, source: str = "config") -> FitConfig:
+    """Check values that each field alone can't express; returns the config unchanged."""
+    from patchcore_cli import backbones
+
+    checks = [
+        (0.0 < config.coreset <= 1.0, f"coreset must be in (0, 1], got {config.coreset}"),
+        (config.image_size >= 32, f"image_size must be at least 32, got {config.image_size}"),
+        (
+            32 <= config.crop <= config.image_size,
+            f"crop must be between 32 and image_size ({config.image_size}), got {config.crop}",
+        ),
+        (config.dim >= 1, f"dim must be positive, got {config.dim}"),
+        (config.projection_dim >= 1, f"projection_dim must be positive, got {config.projection_dim}"),
+        (config.num_neighbors >= 1, f"num_neighbors must be at least 1, got {config.num_neighbors}"),
+        (config.sigma >= 0, f"sigma must be >= 0, got {config.sigma}"),
+        (
+            config.precision in PRECISIONS,
+            f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}",
+        ),
+        (config.threshold_sigma > 0, f"threshold_sigma must be positive, got {config.threshold_sigma}"),
+        (
+            config.calibration_images >= 2,
+            f"calibration_images must be at least 2, got {config.calibration_images}",
+        ),
+        (config.batch_size >= 1, f"batch_size must be positive, got {config.batch_size}"),
+        (config.threads is None or config.threads >= 1, f"threads must be positive, got {config.threads}"),
+        (len(config.layers) >= 1, "layers must name at least one stage"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{source}: {message}")
+    spec = backbones.get(config.backbone)
+    unknown = [layer for layer in config.layers if layer not in spec.stages]
+    if unknown:
+        raise ConfigError(
+            f"{source}: backbone {spec.name} has no stage {', '.join(unknown)}; "
+            f"choose from {', '.join(spec.stages)}"
+        )
+    return dataclasses.replace(config, backbone=spec.name, layers=tuple(dict.fromkeys(config.layers)))
+
+
+def from_mapping(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Check a mapping of option names (dashes or underscores) and return typed overrides."""
+    result: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            valid = ", ".join(sorted(_FIELDS))
+            raise ConfigError(f"{source}: unknown key {raw_key!r}{hint}; valid keys: {valid}")
+        result[key] = _coerce(key, value, source)
+    return result
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML config file into typed overrides. Unknown keys and wrong types are errors."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: config is not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML ({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: config must be a mapping of option names to values")
+    return from_mapping(data, str(path))
+
+
+def build(config_file: Path | None = None, **overrides: Any) -> FitConfig:
+    """Defaults <- YAML file <- command-line overrides (None means "not given")."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(load_yaml(config_file))
+    values.update(from_mapping({k: v for k, v in overrides.items() if v is not None}, "command line"))
+    source = str(config_file) if config_file is not None else "options"
+    return validate(FitConfig(**values), source)
+
+
+def from_bank(stored: Mapping[str, Any], **runtime: Any) -> FitConfig:
+    """Rebuild the config a bank was fitted with, plus runtime options for this run."""
+    known = {k: v for k, v in stored.items() if k in _FIELDS}
+    values = from_mapping(known, "bank config")
+    values.update({k: v for k, v in runtime.items() if v is not None})
+    return FitConfig(**values)

@@ -1,0 +1,446 @@
+"""The engine every command shares: images -> embeddings -> bank (fit) and bank -> scores and maps (score).
+
+Data flows one way: files -> tensors -> embeddings -> bank -> scores. The CLI only formats what this
+module returns.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from patchcore_cli import bank as bank_io
+from patchcore_cli.config import FitConfig
+from patchcore_cli.errors import BankError, ImageError, InputError
+from patchcore_cli.features import Geometry, crop_geometry, embedding_dim, preprocess
+
+MIN_FIT_IMAGES = 2
+"""`fit` needs at least this many good images: calibration leaves one image out at a time."""
+
+
+class Progress(Protocol):
+    """What the engine reports while it works; the CLI draws it as Rich progress bars."""
+
+    def start(self, stage: str, total: int | None) -> None: ...
+
+    def advance(self, count: int = 1) -> None: ...
+
+
+class _Silent:
+    def start(self, stage: str, total: int | None) -> None:
+        pass
+
+    def advance(self, count: int = 1) -> None:
+        pass
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage, in the order stages first ran."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+def set_threads(threads: int | None) -> None:
+    """Set torch's and faiss's thread counts together, once per command (never at import)."""
+    if threads is None:
+        return
+    import faiss
+    import torch
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+# --- images -> embeddings ----------------------------------------------------------------------------
+
+
+@dataclass
+class Decoded:
+    path: Path
+    pixels: np.ndarray | None  # crop x crop x 3 uint8, or None if unreadable
+    geometry: Geometry | None
+    error: ImageError | None
+
+
+def _decode(path: Path, config: FitConfig, max_pixels: int) -> Decoded:
+    from patchcore_cli.data import load_image
+
+    try:
+        image = load_image(path, max_pixels=max_pixels)
+    except ImageError as exc:
+        return Decoded(path, None, None, exc)
+    geometry = crop_geometry(image.size, config.image_size, config.crop)
+    return Decoded(path, preprocess(image, config.image_size, config.crop), geometry, None)
+
+
+def decode_stream(
+    paths: Sequence[Path], config: FitConfig, max_pixels: int, timings: Timings
+) -> Iterator[Decoded]:
+    """Decode and preprocess images in a background thread, a few ahead of the consumer.
+
+    Pillow releases the GIL while decoding and resizing, so this overlaps with the backbone.
+    """
+    lookahead = max(2, 2 * config.batch_size)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+        pending: deque[Future[Decoded]] = deque()
+        queue = iter(paths)
+        for path in queue:
+            pending.append(pool.submit(_decode, Path(path), config, max_pixels))
+            if len(pending) >= lookahead:
+                break
+        while pending:
+            with timings.stage("decode (waiting)"):
+                item = pending.popleft().result()
+            for path in queue:
+                pending.append(pool.submit(_decode, Path(path), config, max_pixels))
+                break
+            yield item
+
+
+class Extractor:
+    """A backbone trunk plus the patch-embedding head: images -> B x P x D patch embeddings."""
+
+    def __init__(self, config: FitConfig) -> None:
+        from patchcore_cli.backbones import load_backbone
+        from patchcore_cli.features import Trunk
+
+        self.config = config
+        self.loaded = load_backbone(config.backbone, config.weights, seed=config.seed)
+        self.trunk = Trunk(self.loaded, config.layers)
+        self.trunk.set_precision(config.precision)
+        self.dim = embedding_dim(self.trunk.channels, config.dim)
+        stride = self.loaded.spec.strides[self.trunk.layers[0]]
+        self.grid = math.ceil(config.crop / stride)
+
+    @property
+    def random_weights(self) -> bool:
+        from patchcore_cli.backbones import RANDOM_WEIGHTS
+
+        return self.loaded.weights_source == RANDOM_WEIGHTS
+
+    def __call__(self, pixels: Sequence[np.ndarray], timings: Timings) -> np.ndarray:
+        """B crops (H x W x 3 uint8) -> B x P x D float32 embeddings, P = grid * grid."""
+        from patchcore_cli.features import embed, to_tensor
+
+        with timings.stage("backbone"):
+            maps = self.trunk(to_tensor(pixels))
+        self.grid = maps[self.trunk.layers[0]].shape[-1]
+        with timings.stage("aggregate + reduce"):
+            out = embed([maps[name] for name in self.trunk.layers], self.config.dim)
+        return out.numpy()
+
+
+def embed_paths(
+    paths: Sequence[Path],
+    extractor: Extractor,
+    timings: Timings,
+    progress: Progress,
+    max_pixels: int,
+    skip_bad: bool = False,
+) -> Iterator[tuple[list[Decoded], np.ndarray]]:
+    """Yield (decoded images, B x P x D embeddings) batch by batch. Unreadable images raise ImageError,
+    or with `skip_bad` are yielded with an empty embedding slot so the caller can list them."""
+    batch: list[Decoded] = []
+
+    def flush() -> tuple[list[Decoded], np.ndarray]:
+        good = [item.pixels for item in batch if item.pixels is not None]
+        embeddings = extractor(good, timings) if good else np.empty((0, 0, 0), np.float32)
+        return batch, embeddings
+
+    for item in decode_stream(paths, extractor.config, max_pixels, timings):
+        if item.error is not None and not skip_bad:
+            raise item.error
+        batch.append(item)
+        if sum(entry.pixels is not None for entry in batch) == extractor.config.batch_size:
+            yield flush()
+            progress.advance(len(batch))
+            batch = []
+    if batch:
+        yield flush()
+        progress.advance(len(batch))
+
+
+# --- fit -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FitResult:
+    bank: bank_io.Bank
+    timings: Timings
+    n_images: int
+    n_patches: int
+    extractor: Extractor
+
+
+def fit(
+    paths: Sequence[Path],
+    config: FitConfig,
+    progress: Progress | None = None,
+    max_pixels: int | None = None,
+) -> FitResult:
+    """Fit a bank on good images: embed, coreset-subsample (paper Alg. 1), calibrate on good images."""
+    from patchcore_cli.coreset import greedy_coreset
+    from patchcore_cli.data import DEFAULT_MAX_PIXELS
+
+    progress = progress or _Silent()
+    if len(paths) < MIN_FIT_IMAGES:
+        raise InputError(
+            f"fit needs at least {MIN_FIT_IMAGES} good images (calibration leaves one out), got {len(paths)}"
+        )
+    timings = Timings()
+    set_threads(config.threads)
+    with timings.stage("load backbone"):
+        extractor = Extractor(config)
+
+    progress.start("features", len(paths))
+    chunks = []
+    for _, embeddings in embed_paths(paths, extractor, timings, progress, max_pixels or DEFAULT_MAX_PIXELS):
+        chunks.append(embeddings)
+    per_image = np.concatenate(chunks)  # n x P x D
+    n_images, n_patches_per_image, dim = per_image.shape
+    flat = per_image.reshape(-1, dim)  # n*P x D
+
+    n_select = max(1, round(config.coreset * flat.shape[0]))
+    progress.start("coreset", None)
+    with timings.stage("coreset"):
+        if n_select >= flat.shape[0]:
+            selected = np.arange(flat.shape[0])
+        else:
+            selected = greedy_coreset(flat, n_select, projection_dim=config.projection_dim, seed=config.seed)
+    memory_bank = np.ascontiguousarray(flat[selected])
+    source_image = (selected // n_patches_per_image).astype(np.int64)
+
+    with timings.stage("calibrate"):
+        calibration = calibrate(per_image, memory_bank, source_image, extractor.grid, config, progress)
+
+    bank = bank_io.Bank(
+        memory_bank=memory_bank,
+        config={
+            **config.model_dict(),
+            "embedding_dim": int(dim),
+            "grid": extractor.grid,
+            "weights_file": extractor.loaded.weights_source if config.weights else None,
+        },
+        calibration=calibration,
+        weights_sha256=extractor.loaded.weights_sha256,
+        n_train_images=n_images,
+    )
+    return FitResult(bank, timings, n_images, int(flat.shape[0]), extractor)
+
+
+def calibrate(
+    per_image: np.ndarray,
+    memory_bank: np.ndarray,
+    source_image: np.ndarray,
+    grid: int,
+    config: FitConfig,
+    progress: Progress,
+) -> dict[str, Any]:
+    """Threshold and score statistics from good images only, by leaving one image out.
+
+    For a seeded sample of up to `calibration_images` training images, each image is scored against the
+    bank with its own patches removed, which is how a new good image meets the bank. The image threshold
+    is mean + `threshold_sigma` * std of those scores; the pixel threshold is the same rule applied to
+    the maxima of their anomaly maps. Defect labels never enter.
+    """
+    import torch
+
+    from patchcore_cli.scoring import NearestNeighbours, anomaly_map, image_score
+
+    n_images = per_image.shape[0]
+    rng = np.random.default_rng(config.seed)
+    chosen = np.sort(rng.permutation(n_images)[: min(n_images, config.calibration_images)])
+    progress.start("calibration", len(chosen))
+    image_scores, map_maxima = [], []
+    for index in chosen:
+        keep = source_image != index
+        if not keep.any():  # the whole bank came from this image: nothing to leave out against
+            continue
+        search = NearestNeighbours(memory_bank[keep])
+        distances, nearest = search.search(per_image[index], 1)
+        image_scores.append(
+            image_score(per_image[index], distances[:, 0], nearest[:, 0], search, config.num_neighbors)
+        )
+        patch_map = torch.from_numpy(distances[:, 0].reshape(1, grid, grid).astype(np.float32))
+        map_maxima.append(float(anomaly_map(patch_map, config.crop, config.sigma).max()))
+        progress.advance()
+    if len(image_scores) < 2:
+        raise InputError("fit: too few distinct good images to calibrate a threshold (need at least 2)")
+    return threshold_from_scores(np.array(image_scores), np.array(map_maxima), config.threshold_sigma)
+
+
+def threshold_from_scores(image_scores: np.ndarray, map_maxima: np.ndarray, k: float) -> dict[str, Any]:
+    """The calibration record stored in a bank: mean + k*std rule on good-image scores."""
+    mean, std = float(image_scores.mean()), float(image_scores.std(ddof=1))
+    pixel_mean, pixel_std = float(map_maxima.mean()), float(map_maxima.std(ddof=1))
+    threshold = mean + k * std
+    return {
+        "rule": f"mean + {k:g} * std of leave-one-image-out scores of good training images",
+        "n_images": len(image_scores),
+        "threshold_sigma": k,
+        "image_threshold": threshold,
+        "image_mean": mean,
+        "image_std": std,
+        "image_max": float(image_scores.max()),
+        "calibration_fpr": float((image_scores >= threshold).mean()),
+        "pixel_threshold": pixel_mean + k * pixel_std,
+        "pixel_mean": pixel_mean,
+        "pixel_std": pixel_std,
+    }
+
+
+# --- score -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreResult:
+    path: Path
+    score: float | None = None
+    normalized: float | None = None
+    anomalous: bool | None = None
+    anomaly_map: np.ndarray | None = None  # crop x crop float32, in the crop's pixel frame
+    geometry: Geometry | None = None
+    error: str | None = None
+
+
+def _stored_weights(bank: bank_io.Bank) -> str | None:
+    """The weights a bank was fitted with, when they can be found again without asking.
+
+    A bank fitted with random weights is scored with the same (seeded) random weights. A bank fitted
+    with a `--weights` file records its path; it is reused only if the file still hashes the same.
+    """
+    from patchcore_cli.backbones import RANDOM_WEIGHTS, sha256_file
+
+    if bank.weights_sha256 == RANDOM_WEIGHTS:
+        return RANDOM_WEIGHTS
+    hint = bank.config.get("weights_file")
+    if isinstance(hint, str) and Path(hint).is_file() and sha256_file(Path(hint)) == bank.weights_sha256:
+        return hint
+    return None
+
+
+class Scorer:
+    """Scores images against a loaded bank with the configuration the bank was fitted with."""
+
+    def __init__(
+        self,
+        bank: bank_io.Bank,
+        batch_size: int | None = None,
+        threads: int | None = None,
+        weights: str | None = None,
+        bank_path: str = "bank",
+        extractor: Extractor | None = None,
+    ) -> None:
+        from patchcore_cli.config import from_bank
+        from patchcore_cli.scoring import NearestNeighbours
+
+        self.bank = bank
+        if weights is None:
+            weights = _stored_weights(bank)
+        self.config = from_bank(bank.config, batch_size=batch_size, threads=threads, weights=weights)
+        set_threads(self.config.threads)
+        self.timings = Timings()
+        if extractor is None:
+            with self.timings.stage("load backbone"):
+                extractor = Extractor(self.config)
+        self.extractor = extractor
+        if self.extractor.loaded.weights_sha256 != bank.weights_sha256:
+            raise BankError(
+                f"{bank_path}: was fitted with backbone weights sha256 {bank.weights_sha256[:12]}, but the "
+                f"weights found now hash to {self.extractor.loaded.weights_sha256[:12]}; "
+                "pass the same --weights"
+            )
+        if bank.memory_bank.shape[1] != self.extractor.dim:
+            raise BankError(
+                f"{bank_path}: feature dimension {bank.memory_bank.shape[1]} does not match backbone "
+                f"{self.config.backbone} with layers {'+'.join(self.config.layers)} "
+                f"(dim {self.extractor.dim})"
+            )
+        with self.timings.stage("index"):
+            self.search = NearestNeighbours(bank.memory_bank)
+        cal = bank.calibration
+        self.threshold = float(cal["image_threshold"])
+        self.scale = max(float(cal.get("image_std", 0.0)), 1e-6 * abs(self.threshold), 1e-12)
+
+    def normalize(self, score: float) -> float:
+        """Raw score -> (0, 1): a logistic in good-score std units, the calibrated threshold at 0.5."""
+        z = (score - self.threshold) / self.scale
+        return float(1.0 / (1.0 + math.exp(-max(min(z, 500.0), -500.0))))
+
+    def score_paths(
+        self,
+        paths: Sequence[Path],
+        progress: Progress | None = None,
+        keep_maps: bool = False,
+        skip_bad: bool = False,
+        max_pixels: int | None = None,
+        on_result: Callable[[ScoreResult], None] | None = None,
+    ) -> list[ScoreResult]:
+        """Score images in order. Each result's anomaly map is kept only if `keep_maps`."""
+        from patchcore_cli.data import DEFAULT_MAX_PIXELS
+
+        progress = progress or _Silent()
+        progress.start("scoring", len(paths))
+        results: list[ScoreResult] = []
+        stream = embed_paths(
+            paths, self.extractor, self.timings, progress, max_pixels or DEFAULT_MAX_PIXELS, skip_bad
+        )
+        for decoded, embeddings in stream:
+            row = 0
+            for item in decoded:
+                if item.error is not None:
+                    result = ScoreResult(item.path, error=item.error.problem)
+                else:
+                    result = self._score_one(item, embeddings[row], keep_maps)
+                    row += 1
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+        return results
+
+    def _score_one(self, item: Decoded, patches: np.ndarray, keep_maps: bool) -> ScoreResult:
+        import torch
+
+        from patchcore_cli.scoring import anomaly_map, image_score
+
+        with self.timings.stage("nearest-neighbour search"):
+            distances, nearest = self.search.search(patches, 1)
+            score = image_score(
+                patches, distances[:, 0], nearest[:, 0], self.search, self.config.num_neighbors
+            )
+        amap = None
+        if keep_maps:
+            with self.timings.stage("map upsample + blur"):
+                grid = self.extractor.grid
+                patch_map = torch.from_numpy(distances[:, 0].reshape(1, grid, grid).astype(np.float32))
+                amap = anomaly_map(patch_map, self.config.crop, self.config.sigma)[0].numpy()
+        return ScoreResult(
+            path=item.path,
+            score=score,
+            normalized=self.normalize(score),
+            anomalous=score >= self.threshold,
+            anomaly_map=amap,
+            geometry=item.geometry,
+        )

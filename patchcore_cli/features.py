@@ -1,0 +1,161 @@
+"""Image batch -> patch embeddings (paper §3.1): preprocessing, local aggregation, resize, reduction."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from patchcore_cli.backbones import LoadedBackbone
+from patchcore_cli.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+    from torch import nn
+
+PATCH_SIZE = 3  # paper §3.1: local neighbourhood p = 3
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an original image maps onto the inspected crop.
+
+    The image is resized so its shorter side is `resize` pixels, then centre-cropped to `crop` x `crop`
+    (paper §4.1). `box` is the crop's (left, top, right, bottom) in original-image pixels.
+    """
+
+    original_size: tuple[int, int]  # (width, height)
+    box: tuple[float, float, float, float]
+
+
+def crop_geometry(size: tuple[int, int], resize: int, crop: int) -> Geometry:
+    width, height = size
+    scale = resize / min(width, height)
+    new_w, new_h = round(width * scale), round(height * scale)
+    left, top = (new_w - crop) / 2, (new_h - crop) / 2
+    return Geometry(
+        original_size=(width, height),
+        box=(left / scale, top / scale, (left + crop) / scale, (top + crop) / scale),
+    )
+
+
+def preprocess(image: Image.Image, resize: int, crop: int) -> np.ndarray:
+    """RGB PIL image -> crop x crop x 3 uint8 array: shorter side to `resize`, centre crop `crop`."""
+    from PIL import Image as PILImage
+
+    width, height = image.size
+    scale = resize / min(width, height)
+    new_w, new_h = max(crop, round(width * scale)), max(crop, round(height * scale))
+    resized = image.resize((new_w, new_h), PILImage.Resampling.BILINEAR, reducing_gap=3.0)
+    left, top = (new_w - crop) // 2, (new_h - crop) // 2
+    return np.asarray(resized.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
+
+
+def preprocess_mask(mask: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    """H x W bool mask -> crop x crop bool, transformed exactly like its image (`preprocess`)."""
+    from PIL import Image as PILImage
+
+    image = PILImage.fromarray(mask.astype(np.uint8) * 255)
+    # Resize as the image is resized, then binarise at half height: thin defects survive downscaling.
+    return preprocess(image.convert("RGB"), resize, crop)[..., 0] >= 128
+
+
+class Trunk:
+    """Runs a backbone's modules in order, stopping after the deepest requested stage.
+
+    `__call__`: B x 3 x H x W float -> {stage: B x C_stage x H/s x W/s}. Later stages are never computed.
+    """
+
+    def __init__(self, loaded: LoadedBackbone, layers: Sequence[str]) -> None:
+        import torch
+
+        spec = loaded.spec
+        unknown = [layer for layer in layers if layer not in spec.stages]
+        if unknown or not layers:
+            raise ConfigError(
+                f"backbone {spec.name} has no stage {unknown or '(none given)'}; "
+                f"choose from {', '.join(spec.stages)}"
+            )
+        self.layers = tuple(sorted(layers, key=lambda name: spec.stages[name]))
+        self.taps = {spec.stages[name]: name for name in self.layers}
+        depth = max(self.taps) + 1
+        self.modules: list[nn.Module] = [loaded.model.get_submodule(path) for path in spec.trunk[:depth]]
+        self.channels = [spec.channels[name] for name in self.layers]
+        self.mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std).view(1, 3, 1, 1)
+        self.channels_last = False
+        self.autocast = False
+
+    def set_precision(self, precision: str) -> None:
+        """'fp32', or 'bf16': channels-last layout and bfloat16 autocast on CPU."""
+        import torch
+
+        self.autocast = precision == "bf16"
+        self.channels_last = self.autocast
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        for module in self.modules:
+            module.to(memory_format=fmt)
+
+    def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch
+
+        x = (pixels - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out: dict[str, torch.Tensor] = {}
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            for index, module in enumerate(self.modules):
+                x = module(x)
+                if index in self.taps:
+                    out[self.taps[index]] = x.float()
+        return out
+
+
+def to_tensor(batch: Sequence[np.ndarray]) -> torch.Tensor:
+    """N arrays of H x W x 3 uint8 -> N x 3 x H x W float32 in [0, 1]."""
+    import torch
+
+    stacked = torch.from_numpy(np.stack(batch))  # N x H x W x 3
+    return stacked.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def embed(feature_maps: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """Stage feature maps -> patch embeddings (paper §3.1).
+
+    Each map (B x C_l x H_l x W_l) is averaged over a p x p neighbourhood (eq. 1-2) and bilinearly
+    resized to the finest stage's grid. If the stages together have more than `dim` channels, each stage
+    is reduced to an equal share of `dim` by adaptive average pooling over channels, as the reference
+    implementation reduces, so a deep stage with many channels cannot drown a shallow one.
+    Returns B x H_0*W_0 x D with D = min(dim, sum C_l).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    height, width = feature_maps[0].shape[-2:]
+    total = sum(fmap.shape[1] for fmap in feature_maps)
+    shares = _channel_shares(dim, len(feature_maps)) if total > dim else None
+    parts = []
+    for index, fmap in enumerate(feature_maps):
+        fmap = F.avg_pool2d(fmap, PATCH_SIZE, stride=1, padding=PATCH_SIZE // 2, count_include_pad=False)
+        if fmap.shape[-2:] != (height, width):
+            fmap = F.interpolate(fmap, size=(height, width), mode="bilinear", align_corners=False)
+        batch, channels = fmap.shape[:2]
+        flat = fmap.permute(0, 2, 3, 1).reshape(batch * height * width, channels)  # B*H*W x C_l
+        if shares is not None and channels != shares[index]:
+            flat = F.adaptive_avg_pool1d(flat.unsqueeze(1), shares[index]).squeeze(1)
+        parts.append(flat)
+    return torch.cat(parts, dim=1).reshape(feature_maps[0].shape[0], height * width, -1)
+
+
+def _channel_shares(dim: int, count: int) -> list[int]:
+    base, rest = divmod(dim, count)
+    return [base + (1 if i < rest else 0) for i in range(count)]
+
+
+def embedding_dim(channels: Sequence[int], dim: int) -> int:
+    return min(dim, sum(channels))

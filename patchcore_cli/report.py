@@ -1,0 +1,396 @@
+"""Rich tables, JSON/CSV/Markdown writers and heatmap overlays. Formatting only: no scoring here."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from patchcore_cli.errors import OutputError
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from patchcore_cli.engine import FitResult, ScoreResult
+    from patchcore_cli.features import Geometry
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def fit_table(result: FitResult, out: Path) -> Table:
+    from rich.table import Table
+
+    bank = result.bank
+    cal = bank.calibration
+    table = Table(title=f"Fitted {out}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("backbone", f"{bank.config['backbone']} ({'+'.join(bank.config['layers'])})")
+    table.add_row("images", str(result.n_images))
+    table.add_row("patches", f"{result.n_patches:,}")
+    table.add_row(
+        "bank", f"{bank.memory_bank.shape[0]:,} x {bank.memory_bank.shape[1]} ({bank.nbytes / 1e6:.1f} MB)"
+    )
+    for stage, seconds in result.timings.seconds.items():
+        table.add_row(f"time: {stage}", f"{seconds:.2f} s")
+    table.add_row("time: total", f"{result.timings.total:.2f} s")
+    table.add_row(
+        "threshold",
+        f"{cal['image_threshold']:.4f} (good mean {cal['image_mean']:.4f}, std {cal['image_std']:.4f}, "
+        f"{cal['n_images']} images left out; calibration FPR {cal['calibration_fpr']:.3f})",
+    )
+    return table
+
+
+def fit_json(result: FitResult, out: Path) -> dict[str, Any]:
+    bank = result.bank
+    return {
+        "bank": str(out),
+        "images": result.n_images,
+        "patches": result.n_patches,
+        "bank_rows": int(bank.memory_bank.shape[0]),
+        "bank_dim": int(bank.memory_bank.shape[1]),
+        "bank_mb": round(bank.nbytes / 1e6, 3),
+        "timings_s": {k: round(v, 4) for k, v in result.timings.seconds.items()},
+        "calibration": bank.calibration,
+        "config": bank.config,
+        "random_weights": result.extractor.random_weights,
+    }
+
+
+def score_record(result: ScoreResult) -> dict[str, Any]:
+    if result.error is not None:
+        return {"file": str(result.path), "skipped": True, "error": result.error}
+    return {
+        "file": str(result.path),
+        "score": round(result.score, 6) if result.score is not None else None,
+        "normalized": round(result.normalized, 6) if result.normalized is not None else None,
+        "anomalous": result.anomalous,
+    }
+
+
+def score_table(results: Sequence[ScoreResult], threshold: float) -> Table:
+    from rich.table import Table
+
+    table = Table(title=f"Scores (threshold {threshold:.4f} -> normalised 0.5)", title_justify="left")
+    table.add_column("file", overflow="fold")
+    table.add_column("score", justify="right")
+    table.add_column("normalised", justify="right")
+    table.add_column("verdict")
+    for result in results:
+        if result.error is not None:
+            table.add_row(str(result.path), "-", "-", f"[yellow]skipped: {result.error}[/]")
+            continue
+        verdict = "[bold red]ANOMALOUS[/]" if result.anomalous else "[green]good[/]"
+        table.add_row(str(result.path), fmt(result.score, 4), fmt(result.normalized, 3), verdict)
+    return table
+
+
+def csv_text(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        writer.writerow(record)
+    return buffer.getvalue()
+
+
+def write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+# --- heatmaps --------------------------------------------------------------------------------------
+
+
+def _colormap(values: np.ndarray) -> np.ndarray:
+    """H x W values in [0, 1] -> H x W x 3 uint8, a blue-cyan-yellow-red ramp (low = blue)."""
+    stops = np.array([[0, 0, 128], [0, 160, 255], [255, 230, 0], [220, 0, 0]], dtype=np.float32)
+    position = np.clip(values, 0.0, 1.0) * (len(stops) - 1)
+    low = np.floor(position).astype(int).clip(0, len(stops) - 2)
+    frac = (position - low)[..., None]
+    return (stops[low] * (1 - frac) + stops[low + 1] * frac).astype(np.uint8)
+
+
+def map_to_original(amap: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """Crop-frame map -> (H x W map in the original image's pixels, H x W bool 'was inspected').
+
+    The map is stretched back over exactly the crop's box, so it lines up with the original image;
+    pixels outside the box were cut off by the centre crop and were not inspected.
+    """
+    from PIL import Image
+
+    width, height = geometry.original_size
+    left, top, right, bottom = geometry.box
+    x0, y0 = max(0, round(left)), max(0, round(top))
+    x1, y1 = min(width, round(right)), min(height, round(bottom))
+    full = np.zeros((height, width), dtype=np.float32)
+    inspected = np.zeros((height, width), dtype=bool)
+    if x1 > x0 and y1 > y0:
+        resized = Image.fromarray(amap.astype(np.float32), mode="F").resize(
+            (x1 - x0, y1 - y0), Image.Resampling.BILINEAR
+        )
+        full[y0:y1, x0:x1] = np.asarray(resized)
+        inspected[y0:y1, x0:x1] = True
+    return full, inspected
+
+
+def overlay(image: np.ndarray, amap: np.ndarray, inspected: np.ndarray, scale: float) -> np.ndarray:
+    """Blend a heatmap onto an H x W x 3 uint8 image; `scale` maps to the top of the colour ramp.
+
+    Pixels outside the inspected area are darkened and hatched, so a border the crop dropped is never
+    mistaken for a clean one.
+    """
+    heat = _colormap(amap / max(scale, 1e-12)).astype(np.float32)
+    out = image.astype(np.float32)
+    out[inspected] = 0.5 * out[inspected] + 0.5 * heat[inspected]
+    rows, cols = np.indices(inspected.shape)
+    hatch = ((rows + cols) // 6) % 4 == 0
+    outside = ~inspected
+    out[outside] *= 0.35
+    out[outside & hatch] = 90.0
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def save_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    try:
+        Image.fromarray(array).save(path, format="PNG")
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+
+
+def output_name(path: Path, used: set[str], suffix: str) -> str:
+    """A unique file name for `path`'s output in a flat folder (stem, then stem-2, stem-3, ...)."""
+    stem = path.stem
+    name, counter = f"{stem}{suffix}.png", 2
+    while name in used:
+        name = f"{stem}-{counter}{suffix}.png"
+        counter += 1
+    used.add(name)
+    return name
+
+
+# --- benchmark tables ---------------------------------------------------------------------------------
+
+BENCHMARK_METRICS = (
+    ("image_auroc", "Image AUROC"),
+    ("pixel_auroc", "Pixel AUROC"),
+    ("aupro", "AUPRO (FPR <= 0.3)"),
+    ("balanced_accuracy", "Balanced accuracy at the calibrated threshold (good images only)"),
+    ("f1", "Image F1 at the calibrated threshold (good images only)"),
+    ("oracle_balanced_accuracy", "Balanced accuracy at the oracle F1-max threshold (as anomalib reports)"),
+    ("oracle_f1", "Image F1 at the oracle F1-max threshold (as anomalib reports)"),
+)
+
+
+def display_name(dataset: str) -> str:
+    return dataset.replace("_", " ").title() if dataset.islower() else dataset
+
+
+def metric_grid(rows: Sequence[Any], metric: str, columns: Sequence[str]) -> list[tuple[str, list[float]]]:
+    """rows (BenchmarkRow) -> [(row label, [Avg, value per column])]; absent cells are NaN.
+
+    Avg is the mean over the columns that were run.
+    """
+    labels = list(dict.fromkeys(r.row for r in rows))
+    grid = []
+    for label in labels:
+        cells = {r.dataset: r.metric(metric) for r in rows if r.row == label}
+        values = [cells.get(column, math.nan) for column in columns]
+        present = [v for v in values if not math.isnan(v)]
+        grid.append((label, [float(np.mean(present)) if present else math.nan, *values]))
+    return grid
+
+
+def benchmark_tables(rows: Sequence[Any], columns: Sequence[str]) -> list[Table]:
+    from rich.table import Table
+
+    tables = []
+    for metric, title in BENCHMARK_METRICS:
+        table = Table(title=title, title_justify="left")
+        table.add_column("backbone / config")
+        for header in ("Avg", *map(display_name, columns)):
+            table.add_column(header, justify="right")
+        for label, values in metric_grid(rows, metric, columns):
+            table.add_row(label, *(fmt(v) for v in values))
+        tables.append(table)
+    return tables
+
+
+def timing_table(rows: Sequence[Any]) -> Table:
+    from rich.table import Table
+
+    table = Table(title="Cost per dataset", title_justify="left")
+    for header in (
+        "backbone / config",
+        "dataset",
+        "features s",
+        "coreset s",
+        "calibrate s",
+        "fit s",
+        "score ms/img",
+        "bank rows",
+        "bank MB",
+        "peak RSS MB",
+    ):
+        table.add_column(header, justify="right" if header[0].islower() and header != "dataset" else "left")
+    for r in rows:
+        features = sum(
+            v for k, v in r.fit_seconds.items() if k in ("backbone", "aggregate + reduce", "decode (waiting)")
+        )
+        table.add_row(
+            r.row,
+            display_name(r.dataset),
+            f"{features:.1f}",
+            f"{r.fit_seconds.get('coreset', 0.0):.1f}",
+            f"{r.fit_seconds.get('calibrate', 0.0):.1f}",
+            f"{sum(r.fit_seconds.values()):.1f}",
+            f"{r.evaluation.ms_per_image:.0f}",
+            f"{r.bank_rows:,}",
+            f"{r.bank_mb:.1f}",
+            f"{r.peak_rss_mb:.0f}",
+        )
+    return table
+
+
+def benchmark_markdown(rows: Sequence[Any], columns: Sequence[str]) -> str:
+    lines = []
+    for metric, title in BENCHMARK_METRICS:
+        lines += [f"### {title}", ""]
+        lines.append("| backbone / config | Avg | " + " | ".join(map(display_name, columns)) + " |")
+        lines.append("|---" * (len(columns) + 2) + "|")
+        for label, values in metric_grid(rows, metric, columns):
+            lines.append(f"| {label} | " + " | ".join(fmt(v) for v in values) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def benchmark_csv(rows: Sequence[Any]) -> str:
+    columns = [
+        "row",
+        "dataset",
+        *(m for m, _ in BENCHMARK_METRICS),
+        "score_ms_per_image",
+        "fit_s",
+        "coreset_s",
+        "bank_rows",
+        "bank_mb",
+        "peak_rss_mb",
+    ]
+    records = []
+    for r in rows:
+        record = {"row": r.row, "dataset": r.dataset}
+        record.update({m: round(r.metric(m), 5) for m, _ in BENCHMARK_METRICS})
+        record.update(
+            score_ms_per_image=round(r.evaluation.ms_per_image, 2),
+            fit_s=round(sum(r.fit_seconds.values()), 3),
+            coreset_s=round(r.fit_seconds.get("coreset", 0.0), 3),
+            bank_rows=r.bank_rows,
+            bank_mb=round(r.bank_mb, 3),
+            peak_rss_mb=round(r.peak_rss_mb, 1),
+        )
+        records.append(record)
+    return csv_text(records, columns)
+
+
+def evaluation_table(evaluation: Any) -> Table:
+    from rich.table import Table
+
+    image, pixel = evaluation.image, evaluation.pixel
+    table = Table(
+        title=f"Evaluation: {evaluation.name} ({evaluation.n_good} good, {evaluation.n_defect} defective)",
+        title_justify="left",
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("image AUROC", fmt(image["image_auroc"]))
+    if pixel is not None:
+        table.add_row("pixel AUROC", fmt(pixel["pixel_auroc"]))
+        table.add_row("AUPRO (FPR <= 0.3)", fmt(pixel["aupro"]))
+    for key, label in (
+        ("calibrated", "calibrated threshold (good images only)"),
+        ("oracle", "oracle F1-max threshold (test labels)"),
+    ):
+        block = image.get(key)
+        if block:
+            table.add_row(f"{label}", fmt(block["threshold"], 4))
+            table.add_row("  balanced accuracy", fmt(block["balanced_accuracy"]))
+            table.add_row("  F1", fmt(block["f1"]))
+            table.add_row("  TPR / FPR", f"{fmt(block['tpr'])} / {fmt(block['fpr'])}")
+    for defect, value in image["per_defect_auroc"].items():
+        table.add_row(f"image AUROC: {defect}", fmt(value))
+    table.add_row("score time", f"{evaluation.ms_per_image:.0f} ms/image")
+    return table
+
+
+def evaluation_markdown(evaluation: Any) -> str:
+    image, pixel = evaluation.image, evaluation.pixel
+    lines = [
+        f"# Evaluation: {evaluation.name}",
+        "",
+        f"{evaluation.n_good} good, {evaluation.n_defect} defective images.",
+        "",
+    ]
+    lines += ["| metric | value |", "|---|---|", f"| image AUROC | {fmt(image['image_auroc'])} |"]
+    if pixel is not None:
+        lines += [
+            f"| pixel AUROC | {fmt(pixel['pixel_auroc'])} |",
+            f"| AUPRO (FPR <= 0.3) | {fmt(pixel['aupro'])} |",
+        ]
+    for key, label in (("calibrated", "calibrated threshold"), ("oracle", "oracle F1-max threshold")):
+        block = image.get(key)
+        if block:
+            lines.append(f"| balanced accuracy, {label} | {fmt(block['balanced_accuracy'])} |")
+            lines.append(f"| F1, {label} | {fmt(block['f1'])} |")
+    for defect, value in image["per_defect_auroc"].items():
+        lines.append(f"| image AUROC: {defect} | {fmt(value)} |")
+    return "\n".join(lines) + "\n"
+
+
+def profile_tables(rows: Sequence[Any]) -> list[Table]:
+    """Per-stage breakdown of fit and score for each benchmark row, against the bare forward pass."""
+    from rich.table import Table
+
+    tables = []
+    for r in rows:
+        n_test = r.evaluation.n_good + r.evaluation.n_defect
+        for phase, stages, n_images in (("fit", r.fit_seconds, r.n_train), ("score", r.score_stages, n_test)):
+            total = sum(stages.values())
+            table = Table(
+                title=f"Profile: {r.row} / {display_name(r.dataset)} / {phase} ({n_images} images)",
+                title_justify="left",
+            )
+            for header in ("stage", "seconds", "share", "images/s"):
+                table.add_column(header, justify="left" if header == "stage" else "right")
+            for stage, seconds in stages.items():
+                rate = n_images / seconds if seconds > 0 else math.inf
+                table.add_row(
+                    stage, f"{seconds:.2f}", f"{100 * seconds / max(total, 1e-12):.1f}%", f"{rate:.1f}"
+                )
+            table.add_row("[bold]total[/]", f"{total:.2f}", "100%", f"{n_images / max(total, 1e-12):.1f}")
+            if r.bare_forward:
+                bare_seconds = n_images / r.bare_forward
+                table.add_row(
+                    "bare forward (same batch shape)", f"{bare_seconds:.2f}", "", f"{r.bare_forward:.1f}"
+                )
+                table.add_row("[bold]total / bare forward[/]", f"{total / bare_seconds:.2f}x", "", "")
+            tables.append(table)
+    return tables

@@ -1,0 +1,188 @@
+"""The CLI end to end through Typer's runner: fit -> score -> evaluate, exit codes, machine output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from patchcore_cli import __version__
+from patchcore_cli.cli import app
+from tests.conftest import TINY_OPTIONS
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def bank(washer, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bank") / "bank.st"
+    result = invoke("fit", washer / "train" / "good", "--out", path, *TINY_OPTIONS, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["images"] == 8 and report["bank_rows"] == 51 and report["random_weights"] is True
+    assert "RANDOM backbone weights" in result.stderr
+    return path
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"patchcore {__version__}"
+
+
+def test_fit_table_lists_stages_and_threshold(washer, tmp_path):
+    result = invoke(
+        "fit", washer / "train" / "good", "--out", tmp_path / "b.st", *TINY_OPTIONS, "--coreset", "0.2"
+    )
+    assert result.exit_code == 0, result.output
+    for field in (
+        "images",
+        "patches",
+        "bank",
+        "time: backbone",
+        "time: coreset",
+        "time: bank write",
+        "threshold",
+    ):
+        assert field in result.stdout
+
+
+def test_score_json_is_valid_and_complete(bank, washer):
+    result = invoke("score", washer / "test", "--bank", bank, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    files = {Path(r["file"]).parent.name for r in data["results"]}
+    assert files == {"good", "hole", "scratch", "missing_piece", "color_shift"}
+    for record in data["results"]:
+        assert (record["normalized"] >= 0.5) == record["anomalous"] == (record["score"] >= data["threshold"])
+
+
+def test_score_csv(bank, washer):
+    result = invoke("score", washer / "test" / "good", "--bank", bank, "--csv")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "file,score,normalized,anomalous,error" and len(lines) == 5
+
+
+def test_fail_on_anomaly_sets_exit_code(bank, washer):
+    everything = invoke("score", washer / "test", "--bank", bank, "--json", "--fail-on-anomaly")
+    flagged = any(r["anomalous"] for r in json.loads(everything.stdout)["results"])
+    assert everything.exit_code == (1 if flagged else 0)
+
+
+def test_heatmaps_and_masks_match_original_size(bank, washer, tmp_path):
+    result = invoke(
+        "score",
+        washer / "test" / "hole",
+        "--bank",
+        bank,
+        "--heatmaps",
+        tmp_path / "h",
+        "--masks",
+        tmp_path / "m",
+    )
+    assert result.exit_code == 0, result.output
+    heatmaps = sorted((tmp_path / "h").glob("*.png"))
+    masks = sorted((tmp_path / "m").glob("*.png"))
+    assert len(heatmaps) == len(masks) == 2
+    original = Image.open(sorted((washer / "test" / "hole").glob("*.png"))[0])
+    assert Image.open(heatmaps[0]).size == original.size == Image.open(masks[0]).size
+
+
+def test_missing_bank_is_exit_code_4(washer, tmp_path):
+    result = invoke("score", washer / "test" / "good", "--bank", tmp_path / "none.st")
+    assert result.exit_code == 4
+    assert "bank file not found" in result.stderr and "Traceback" not in result.output
+
+
+def test_bad_image_stops_or_is_skipped(bank, washer, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is not a png")
+    good = sorted((washer / "test" / "good").glob("*.png"))[0]
+    stopped = invoke("score", good, broken, "--bank", bank)
+    assert stopped.exit_code == 3 and "broken.png" in stopped.stderr
+    skipped = invoke("score", good, broken, "--bank", bank, "--skip-bad", "--json")
+    assert skipped.exit_code == 0, skipped.output
+    records = json.loads(skipped.stdout)["results"]
+    assert records[1]["skipped"] and "broken.png" in records[1]["file"]
+    assert invoke("score", good, broken, "--bank", bank, "--skip-bad", "--fail-on-skip").exit_code == 1
+
+
+def test_evaluate_mvtec_layout(bank, washer, tmp_path):
+    result = invoke("evaluate", washer, "--bank", bank, "--json", "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["n_good"] == 4 and data["n_defect"] == 8
+    assert 0.0 <= data["image"]["image_auroc"] <= 1.0 and 0.0 <= data["pixel"]["aupro"] <= 1.0
+    assert set(data["image"]["per_defect_auroc"]) == {"hole", "scratch", "missing_piece", "color_shift"}
+    assert {p.name for p in (tmp_path / "eval").iterdir()} == {"results.json", "results.csv", "results.md"}
+
+
+def test_evaluate_generic_layout_needs_masks(bank, washer):
+    args = [
+        "evaluate",
+        "--bank",
+        bank,
+        "--good",
+        washer / "test" / "good",
+        "--defect",
+        washer / "test" / "hole",
+    ]
+    missing = invoke(*args)
+    assert missing.exit_code == 3 and "no mask found" in missing.stderr
+    with_masks = invoke(*args, "--masks", washer / "ground_truth" / "hole", "--json")
+    assert with_masks.exit_code == 0, with_masks.output
+    assert invoke(*args, "--no-pixel-metrics", "--json").exit_code == 0
+
+
+def test_config_file_and_cli_override(washer, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("backbone: resnet18\nweights: random\nimage-size: 72\ncrop: 64\ncoreset: 0.3\n")
+    result = invoke(
+        "fit",
+        washer / "train" / "good",
+        "--out",
+        tmp_path / "b.st",
+        "--config",
+        config,
+        "--coreset",
+        "0.2",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["config"]["coreset"] == 0.2
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("backbone: resnet18\ncorset: 0.1\n", "unknown key 'corset' (did you mean 'coreset'?)"),
+        ("coreset: lots\n", "'coreset' must be a number"),
+        ("coreset: -0.5\n", "coreset must be in (0, 1]"),
+        ("image_size: 128\ncrop: 256\n", "crop must be between 32 and image_size"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("backbone: [unclosed\n", "invalid YAML"),
+    ],
+)
+def test_bad_config_is_exit_code_2(washer, tmp_path, yaml_text, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml_text)
+    result = invoke("fit", washer / "train" / "good", "--config", config, "--out", tmp_path / "b.st")
+    assert result.exit_code == 2
+    assert message in result.stderr and str(config) in result.stderr
+
+
+def test_every_command_has_help_and_is_documented():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    commands = ["fit", "score", "evaluate", "benchmark mvtec", "benchmark folder", "demo"]
+    for command in commands:
+        result = invoke(*command.split(), "--help")
+        assert result.exit_code == 0, command
+        assert "Usage" in result.stdout
+        assert f"patchcore {command}" in readme, command

@@ -1,0 +1,86 @@
+"""The shared engine: batch-size independence, heatmap localisation, calibration from good images only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from patchcore_cli import config as config_mod
+from patchcore_cli.data import list_images
+from patchcore_cli.engine import Scorer, fit, threshold_from_scores
+from patchcore_cli.errors import InputError
+from patchcore_cli.features import crop_geometry, preprocess, preprocess_mask
+from tests.conftest import TINY_CONFIG
+
+
+@pytest.fixture(scope="module")
+def fitted(washer):
+    config = config_mod.build(**TINY_CONFIG)
+    return fit(list_images([washer / "train" / "good"]), config)
+
+
+def test_bank_shape_follows_coreset_ratio(fitted):
+    bank = fitted.bank
+    assert fitted.n_images == 8
+    assert fitted.n_patches == 8 * 8 * 8  # 64 px crop, stride 8 -> 8 x 8 patches per image
+    assert bank.memory_bank.shape == (round(0.1 * fitted.n_patches), 128 + 256)
+    assert bank.config["backbone"] == "resnet18" and bank.config["layers"] == ["layer2", "layer3"]
+
+
+def test_scores_do_not_depend_on_batch_size(fitted, washer):
+    paths = list_images([washer / "test"])
+    runs = []
+    for batch_size in (1, 3, 16):
+        scorer = Scorer(fitted.bank, batch_size=batch_size)
+        results = scorer.score_paths(paths, keep_maps=True)
+        runs.append((np.array([r.score for r in results]), np.stack([r.anomaly_map for r in results])))
+    for scores, maps in runs[1:]:
+        np.testing.assert_allclose(scores, runs[0][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(maps, runs[0][1], rtol=1e-5, atol=1e-5)
+
+
+def test_heatmap_peaks_at_the_defect(tmp_path):
+    # Good images: smooth grey-level gradients with noise. The defect: a bright checkered square.
+    rng = np.random.default_rng(0)
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(6):
+        base = np.linspace(90, 150, 96)[None, :, None] + rng.normal(0, 3, (96, 96, 3))
+        Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(good / f"{i}.png")
+    defect = np.linspace(90, 150, 96)[None, :, None] + rng.normal(0, 3, (96, 96, 3))
+    checker = (np.indices((16, 16)).sum(0) % 2 * 255)[..., None]
+    defect[60:76, 20:36] = checker
+    Image.fromarray(defect.clip(0, 255).astype(np.uint8)).save(tmp_path / "defect.png")
+    config = config_mod.build(**{**TINY_CONFIG, "image_size": 96, "crop": 96, "coreset": 0.5})
+    result = Scorer(fit(list_images([good]), config).bank).score_paths(
+        [tmp_path / "defect.png"], keep_maps=True
+    )[0]
+    row, col = np.unravel_index(np.argmax(result.anomaly_map), result.anomaly_map.shape)
+    assert 52 <= row <= 84 and 12 <= col <= 44
+    assert result.anomalous
+
+
+def test_threshold_is_mean_plus_k_std_of_good_scores():
+    scores = np.array([1.0, 2.0, 3.0, 4.0])
+    record = threshold_from_scores(scores, scores * 2, k=3.0)
+    assert record["image_threshold"] == pytest.approx(2.5 + 3 * scores.std(ddof=1))
+    assert record["calibration_fpr"] == 0.0
+    assert record["n_images"] == 4
+
+
+def test_fit_refuses_a_single_image(washer):
+    one = list_images([washer / "train" / "good"])[:1]
+    with pytest.raises(InputError, match="at least 2"):
+        fit(one, config_mod.build(**TINY_CONFIG))
+
+
+def test_mask_follows_the_image_transform():
+    mask = np.zeros((100, 200), dtype=bool)
+    mask[40:60, 90:110] = True
+    image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).convert("RGB")
+    np.testing.assert_array_equal(preprocess_mask(mask, 64, 48), preprocess(image, 64, 48)[..., 0] >= 128)
+    geometry = crop_geometry((200, 100), 64, 48)
+    left, top, right, bottom = geometry.box
+    assert (right - left) == pytest.approx(75.0) and (bottom - top) == pytest.approx(75.0)
+    assert left == pytest.approx(62.5) and top == pytest.approx(12.5)
