@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -62,10 +63,37 @@ def image_score(
 def anomaly_map(patch_scores: torch.Tensor, size: int, sigma: float = SIGMA) -> torch.Tensor:
     """B x h x w patch scores -> B x size x size map: bilinear upsampling, then Gaussian blur (§3.3)."""
     import torch.nn.functional as F
-    from torchvision.transforms.functional import gaussian_blur
 
     maps = F.interpolate(patch_scores.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
     if sigma > 0:
-        radius = int(4.0 * sigma + 0.5)  # truncate at 4 sigma, as scipy.ndimage.gaussian_filter does
-        maps = gaussian_blur(maps, kernel_size=2 * radius + 1, sigma=sigma)
+        maps = gaussian_blur(maps, sigma)
     return maps.squeeze(1)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """B x 1 x H x W -> same shape, blurred by a Gaussian truncated at 4 sigma with mirrored borders
+    (scipy.ndimage.gaussian_filter's mode="mirror"). Applied as two small matrix products, K_h X K_w^T:
+    far cheaper on a CPU than a 33 x 33 convolution."""
+    rows = _blur_matrix(maps.shape[-2], sigma)
+    cols = _blur_matrix(maps.shape[-1], sigma)
+    return rows @ maps @ cols.T
+
+
+@functools.lru_cache(maxsize=8)
+def _blur_matrix(size: int, sigma: float) -> torch.Tensor:
+    """size x size matrix applying a 1-D Gaussian (radius 4 sigma) with mirrored borders."""
+    import torch
+
+    radius = int(4.0 * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1)
+    weights = np.exp(-0.5 * (offsets / sigma) ** 2)
+    weights /= weights.sum()
+    matrix = np.zeros((size, size), dtype=np.float64)
+    period = 2 * (size - 1) if size > 1 else 1
+    for out_index in range(size):
+        source = np.abs((out_index + offsets) % period)
+        source = np.where(
+            source >= size, period - source, source
+        )  # mirror: ... 2 1 | 0 1 2 ... n-1 | n-2 ...
+        np.add.at(matrix[out_index], source, weights)
+    return torch.from_numpy(matrix.astype(np.float32))

@@ -1,0 +1,50 @@
+"""Nearest-neighbour distances, the eq. 7 image score and the smoothed anomaly map."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from patchcore_cli.scoring import NearestNeighbours, anomaly_map, gaussian_blur, image_score
+
+
+def test_distances_are_euclidean_and_exact():
+    rng = np.random.default_rng(0)
+    bank, queries = rng.normal(size=(50, 6)).astype(np.float32), rng.normal(size=(7, 6)).astype(np.float32)
+    distances, indices = NearestNeighbours(bank).search(queries, 3)
+    brute = np.linalg.norm(queries[:, None, :] - bank[None, :, :], axis=2)
+    np.testing.assert_array_equal(indices, np.argsort(brute, axis=1)[:, :3])
+    np.testing.assert_allclose(distances, np.sort(brute, axis=1)[:, :3], rtol=1e-4)
+
+
+def test_eq7_reweighting_matches_a_hand_computation():
+    bank = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [10.0, 10.0]], dtype=np.float32)
+    patches = np.array([[0.1, 0.0], [0.0, -3.0]], dtype=np.float32)
+    search = NearestNeighbours(bank)
+    distances, nearest = search.search(patches, 1)
+    # Worst patch (0, -3) -> m* = (0, 0) at distance 3; N_b(m*) for b = 3 is (0,0), (1,0), (0,2).
+    gaps = np.array([3.0, np.hypot(1.0, 3.0), 5.0])
+    expected = (1 - np.exp(gaps[0]) / np.exp(gaps).sum()) * 3.0
+    assert image_score(patches, distances[:, 0], nearest[:, 0], search, 3) == pytest.approx(
+        expected, rel=1e-5
+    )
+    assert image_score(patches, distances[:, 0], nearest[:, 0], search, 1) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("size", [224, 37, 6])
+def test_blur_matches_scipy_mirror_mode(size):
+    maps = torch.rand(2, 1, size, size)
+    ours = gaussian_blur(maps, 4.0)[1, 0].numpy()
+    np.testing.assert_allclose(
+        ours, gaussian_filter(maps[1, 0].double().numpy(), 4.0, mode="mirror"), atol=1e-5
+    )
+
+
+def test_anomaly_map_keeps_the_peak_where_the_patch_is():
+    scores = torch.zeros(1, 28, 28)
+    scores[0, 20, 5] = 10.0
+    amap = anomaly_map(scores, 224, sigma=4.0)[0]
+    row, col = np.unravel_index(int(torch.argmax(amap)), amap.shape)
+    assert abs(row - (20 + 0.5) * 8) <= 4 and abs(col - (5 + 0.5) * 8) <= 4
