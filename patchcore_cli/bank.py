@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -79,9 +80,8 @@ def save(bank: Bank, path: str | Path) -> None:
         "created": bank.created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     payload = to_bytes({TENSOR_NAME: np.ascontiguousarray(bank.memory_bank, dtype=np.float32)}, metadata)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"{path}: folder {folder} does not exist")
+    check_destination(path)
+    folder = path.parent
     tmp_name = None
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
@@ -98,6 +98,18 @@ def save(bank: Bank, path: str | Path) -> None:
         if tmp_name is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
+
+
+def check_destination(path: str | Path) -> None:
+    """OutputError unless `path` can become a bank file: its folder exists and it is not itself a folder.
+
+    `save` checks this, and `fit` can check it before the fit, so a mistyped --out fails at once.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give a file name for the bank")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -142,7 +154,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], int, int]:
         raise BankError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        # RecursionError: arrays nested thousands deep, which no safetensors writer produces.
         raise BankError(f"{path}: not a bank file (header is not valid safetensors JSON)") from None
     if not isinstance(header, dict):
         raise BankError(f"{path}: not a bank file (header is not a JSON object)")
@@ -153,6 +166,9 @@ def _metadata(path: Path, header: dict[str, Any]) -> dict[str, str]:
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_ID:
         raise BankError(f"{path}: not a patchcore bank (no '{FORMAT_ID}' format id)")
+    # safetensors metadata maps strings to strings; anything else would reach int() and json.loads below.
+    if not all(isinstance(value, str) for value in meta.values()):
+        raise BankError(f"{path}: bad metadata (every value must be a string)")
     try:
         version = int(meta.get("format_version", ""))
     except ValueError:
@@ -172,18 +188,30 @@ def _json_field(path: Path, meta: dict[str, str], key: str) -> dict[str, Any]:
         value = json.loads(meta[key])
     except KeyError:
         raise BankError(f"{path}: metadata field {key!r} is missing") from None
-    except (TypeError, json.JSONDecodeError):
+    except (json.JSONDecodeError, RecursionError):
         raise BankError(f"{path}: metadata field {key!r} is not valid JSON") from None
     if not isinstance(value, dict):
         raise BankError(f"{path}: metadata field {key!r} is not a JSON object")
     return value
 
 
+def _calibration(path: Path, meta: dict[str, str]) -> dict[str, Any]:
+    """The calibration record, with the thresholds that scoring needs present and finite."""
+    calibration = _json_field(path, meta, "calibration")
+    for key in ("image_threshold", "pixel_threshold", "image_std"):
+        value = calibration.get(key)
+        if key == "image_std" and value is None:  # optional: scoring then normalises with a tiny scale
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise BankError(f"{path}: calibration value {key!r} is missing or not a finite number")
+    return calibration
+
+
 def load(path: str | Path) -> Bank:
     """Load and validate a bank. The tensor is memory-mapped, not read into a second copy.
 
     Raises BankError naming the file and the problem: not a bank, newer version, truncated, bad shapes,
-    non-finite values.
+    non-finite values, missing thresholds. No other exception escapes for any file content.
     """
     path = Path(path)
     header, length, size = read_header(path)
@@ -194,9 +222,9 @@ def load(path: str | Path) -> Bank:
     shape, dtype, offsets = entry.get("shape"), entry.get("dtype"), entry.get("data_offsets")
     if dtype != "F32":
         raise BankError(f"{path}: '{TENSOR_NAME}' has dtype {dtype}, expected F32")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(s) is int and s > 0 for s in shape)):
         raise BankError(f"{path}: '{TENSOR_NAME}' has shape {shape}, expected [rows, dim]")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
         raise BankError(f"{path}: '{TENSOR_NAME}' has bad data offsets {offsets}")
     begin, end = offsets
     if end - begin != shape[0] * shape[1] * 4 or begin < 0:
@@ -213,9 +241,9 @@ def load(path: str | Path) -> Bank:
     return Bank(
         memory_bank=memory_bank,
         config=_json_field(path, meta, "config"),
-        calibration=_json_field(path, meta, "calibration"),
-        weights_sha256=str(meta.get("weights_sha256", "")),
+        calibration=_calibration(path, meta),
+        weights_sha256=meta.get("weights_sha256", ""),
         n_train_images=n_train,
-        tool_version=str(meta.get("tool_version", "")),
-        created=str(meta.get("created", "")),
+        tool_version=meta.get("tool_version", ""),
+        created=meta.get("created", ""),
     )

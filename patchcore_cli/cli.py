@@ -27,8 +27,21 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
-out = Console(soft_wrap=False)
 err = Console(stderr=True)
+
+
+def _stdout_console() -> Console:
+    """Tables on stdout: the terminal's width, or wide enough for the 17-column benchmark tables when
+    stdout is a file or a pipe (Rich would otherwise squeeze them to 80 columns)."""
+    import os
+
+    console = Console(soft_wrap=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(soft_wrap=False, width=200)
+    return console
+
+
+out = _stdout_console()
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -126,6 +139,12 @@ LayersOpt = Annotated[
 ]
 CoresetOpt = Annotated[float | None, typer.Option("--coreset", help="Coreset ratio in (0, 1]; default 0.1.")]
 DimOpt = Annotated[int | None, typer.Option("--dim", help="Embedding dimension cap; default 1024.")]
+ReductionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--reduction", help="How to reach --dim when stages have more channels: avgpool (default) or random."
+    ),
+]
 ImageSizeOpt = Annotated[
     int | None, typer.Option("--image-size", help="Resize shorter side to this; default 256.")
 ]
@@ -173,6 +192,7 @@ def fit(
     layers: LayersOpt = None,
     coreset: CoresetOpt = None,
     dim: DimOpt = None,
+    reduction: ReductionOpt = None,
     image_size: ImageSizeOpt = None,
     crop: CropOpt = None,
     seed: SeedOpt = None,
@@ -196,6 +216,7 @@ def fit(
         layers=layers,
         coreset=coreset,
         dim=dim,
+        reduction=reduction,
         image_size=image_size,
         crop=crop,
         seed=seed,
@@ -513,6 +534,7 @@ def benchmark_mvtec(
     layers: LayersOpt = None,
     coreset: CoresetOpt = None,
     dim: DimOpt = None,
+    reduction: ReductionOpt = None,
     image_size: ImageSizeOpt = None,
     crop: CropOpt = None,
     batch_size: BatchOpt = None,
@@ -551,6 +573,7 @@ def benchmark_mvtec(
         layers=layers,
         coreset=coreset,
         dim=dim,
+        reduction=reduction,
         image_size=image_size,
         crop=crop,
         batch_size=batch_size,
@@ -587,6 +610,7 @@ def benchmark_folder(
     layers: LayersOpt = None,
     coreset: CoresetOpt = None,
     dim: DimOpt = None,
+    reduction: ReductionOpt = None,
     image_size: ImageSizeOpt = None,
     crop: CropOpt = None,
     batch_size: BatchOpt = None,
@@ -617,6 +641,7 @@ def benchmark_folder(
         layers=layers,
         coreset=coreset,
         dim=dim,
+        reduction=reduction,
         image_size=image_size,
         crop=crop,
         batch_size=batch_size,

@@ -12,6 +12,7 @@ from typing import Any
 from patchcore_cli.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
+REDUCTIONS = ("avgpool", "random")  # see features.embed
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class FitConfig:
     image_size: int = 256  # paper §4.1: resize to 256 ...
     crop: int = 224  # ... and centre-crop to 224
     dim: int = 1024  # reference implementation's target embedding dimension
+    reduction: str = "avgpool"  # how to reach `dim` when the stages have more channels
     coreset: float = 0.1  # paper §4.2: PatchCore-10%
     projection_dim: int = 128  # paper §3.2: random projection for coreset distances
     seed: int = 42
@@ -60,7 +62,7 @@ _INT_FIELDS = {
     "threads",
 }
 _FLOAT_FIELDS = {"coreset", "sigma", "threshold_sigma"}
-_STR_FIELDS = {"backbone", "weights", "precision"}
+_STR_FIELDS = {"backbone", "weights", "precision", "reduction"}
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:

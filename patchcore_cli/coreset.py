@@ -7,10 +7,12 @@ Johnson-Lindenstrauss lemma), which changes the work per distance from D to `pro
 
 The naive loop updates every point's nearest-selected distance after each pick, streaming all N x d' values
 k times. We run the same algorithm with Gonzalez's clusters: each point remembers the selected point it is
-closest to, each selected point keeps its member list, its radius and its farthest member. A new center
-c can only take points from a cluster j when d(c, center_j) < 2 * radius_j, and a member x only when
-d(c, center_j) < 2 * d(x, center_j) (triangle inequality), so most clusters and most points are never
-touched. The result is the exact greedy order: same picks, same ties (lowest index wins), as the naive loop.
+closest to, each selected point keeps its members, its radius and its farthest member. A new center c can
+only take points from a cluster j when d(c, center_j) < 2 * radius_j, and a member x only when
+d(c, center_j) < 2 * d(x, center_j) (triangle inequality). Both tests are first made on a 16-dimensional
+PCA "sketch" of the points, whose distances never exceed the true ones, so most clusters and most points
+cost a few floats, not d'. Members of a cluster are kept contiguous in memory. The result is the exact
+greedy order, ties to the lowest index, as the naive loop gives.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-# Pruning compares distances computed with rounding; widening the triangle-inequality bound by this factor
-# keeps every point that could possibly move, so pruning never changes the result.
+# Pruning compares distances computed with rounding; widening each bound by a relative slack (and, for the
+# float32 sketch, an absolute tolerance) keeps every point that could possibly move, so pruning never changes
+# the result, only the work.
 _SLACK = 1.0 + 1e-6
-# Center-to-center distances are summed this many dimensions at a time, stopping early once the partial
-# sum already rules the cluster out (16 float32 = one cache line).
-_BLOCK = 16
+_SKETCH_SLACK = 1.0 + 1e-4
+_SKETCH_DIM = 16
+_SKETCH_SAMPLE = 16384  # rows used to estimate the principal axes; any orthonormal basis is a valid bound
+_SCAN_BLOCK = 256  # centers per block in the vectorised center scan
 # Exact distances only need reassociation (vectorised sums) and fused multiply-add; no NaN/inf shortcuts.
 _FASTMATH = {"reassoc", "contract"}
 _CHUNK_ROWS = 16384
@@ -75,7 +79,8 @@ def greedy_coreset(
         points = np.array(features, dtype=np.float32, order="C")  # a copy: the search reorders its rows
     if not np.isfinite(points).all():
         raise ValueError("features are too large to project: the projection overflows float32")
-    return _greedy_kcenter(points, int(n_select), int(start))
+    sketch, tolerance = _sketch(points)
+    return _greedy_kcenter(points, sketch, tolerance, int(n_select), int(start))
 
 
 def covering_radius(features: np.ndarray, selected: np.ndarray) -> float:
@@ -106,7 +111,9 @@ def covering_radius(features: np.ndarray, selected: np.ndarray) -> float:
     return float(np.sqrt(max(worst, 0.0)))
 
 
-def _check_arguments(features: np.ndarray, n_select: int, projection_dim: int | None, start: int | None) -> None:
+def _check_arguments(
+    features: np.ndarray, n_select: int, projection_dim: int | None, start: int | None
+) -> None:
     if features.ndim != 2:
         raise ValueError(f"features must be a 2-D array (N x D), got shape {features.shape}")
     n, d = features.shape
@@ -126,6 +133,29 @@ def _check_arguments(features: np.ndarray, n_select: int, projection_dim: int | 
             raise ValueError("features contain NaN or infinite values")
 
 
+def _sketch(points: np.ndarray) -> tuple[np.ndarray, float]:
+    """N x d float32 -> N x s float32 coordinates on the top principal axes, and an absolute tolerance.
+
+    Distances between sketches never exceed the true distances (an orthonormal basis, cut short), so they
+    can rule points out. The axes are estimated on a strided sample: a poor estimate only weakens the bound.
+    The tolerance absorbs the float32 rounding of the sketch (relative 2^-24 of a coordinate, at most the
+    largest distance to the mean, B): with s = 16 the error is below 1e-9 B^2, we allow 1e-6 B^2.
+    """
+    n, d = points.shape
+    sample = points[:: max(1, n // _SKETCH_SAMPLE)].astype(np.float64)
+    mean = sample.mean(axis=0)
+    sample -= mean
+    _, axes = np.linalg.eigh(sample.T @ sample)
+    basis = axes[:, ::-1][:, : min(_SKETCH_DIM, d)]  # eigh sorts ascending
+    sketch = np.empty((n, basis.shape[1]), dtype=np.float32)
+    largest = 0.0
+    for lo in range(0, n, _CHUNK_ROWS):
+        rows = points[lo : lo + _CHUNK_ROWS].astype(np.float64) - mean
+        sketch[lo : lo + _CHUNK_ROWS] = rows @ basis
+        largest = max(largest, float(np.einsum("ij,ij->i", rows, rows).max()))
+    return sketch, 1e-6 * largest
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -142,22 +172,25 @@ def _sqdist(a: np.ndarray, i: int, b: np.ndarray, j: int) -> float:
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH, inline="always")
-def _sqdist_until(a: np.ndarray, i: int, b: np.ndarray, j: int, bound: float) -> float:
-    # Squared distance, or any partial sum >= bound: the terms are non-negative, so it can only grow.
-    d = a.shape[1]
-    total = 0.0
-    lo = 0
-    while lo + _BLOCK <= d:
-        for t in range(lo, lo + _BLOCK):
-            diff = np.float64(a[i, t]) - np.float64(b[j, t])
-            total += diff * diff
-        if total >= bound:
-            return total
-        lo += _BLOCK
-    for t in range(lo, d):
-        diff = np.float64(a[i, t]) - np.float64(b[j, t])
+def _sketch_sqdist(a: np.ndarray, i: int, b: np.ndarray, j: int) -> float:
+    # Lower bound on the squared distance, from the float32 sketches (looping to the array's width rather
+    # than a constant lets LLVM vectorise the sum).
+    total = np.float32(0.0)
+    for t in range(a.shape[1]):
+        diff = a[i, t] - b[j, t]
         total += diff * diff
     return total
+
+
+@numba.njit(cache=True, inline="always")
+def _move_entry(
+    pool_row: np.ndarray, pool_d2: np.ndarray, pool_sketch: np.ndarray, src: int, dst: int
+) -> None:
+    # Element by element: assigning a row slice costs several times more than copying 16 floats.
+    pool_row[dst] = pool_row[src]
+    pool_d2[dst] = pool_d2[src]
+    for u in range(pool_sketch.shape[1]):
+        pool_sketch[dst, u] = pool_sketch[src, u]
 
 
 @numba.njit(cache=True)
@@ -184,26 +217,39 @@ def _tree_update(tree: np.ndarray, leaf: int, radius2: np.ndarray, far: np.ndarr
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)
-def _greedy_kcenter(points: np.ndarray, n_select: int, start: int) -> np.ndarray:
-    # N x d float32 -> n_select int64 indices in greedy order. Reorders the rows of `points` in place.
+def _greedy_kcenter(
+    points: np.ndarray, sketch: np.ndarray, tolerance: float, n_select: int, start: int
+) -> np.ndarray:
+    # points N x d float32, sketch N x s float32 -> n_select int64 indices in greedy order.
+    # Reorders the rows of `points` in place (`orig` remembers where each came from).
     n = points.shape[0]
+    s = sketch.shape[1]
     order = np.empty(n_select, dtype=np.int64)
     is_center = np.zeros(n, dtype=np.bool_)  # by original index
-    centers = np.empty((n_select, points.shape[1]), dtype=np.float32)  # contiguous for the center scan
+    centers = np.empty((n_select, points.shape[1]), dtype=np.float32)
+    center_sketch = np.empty((s, n_select), dtype=np.float32)  # transposed: the scan runs along centers
+    threshold = np.empty(n_select, dtype=np.float32)  # sketch distance^2 that rules a cluster out
+    scan = np.empty(_SCAN_BLOCK, dtype=np.float32)
+    new_sketch = np.empty((1, s), dtype=np.float32)
     orig = np.arange(n)  # original index of each row of `points`
     row_of = np.arange(n)
-    # Each cluster's members occupy pool[seg_start : seg_start + seg_len]; points that change cluster are
-    # appended at the end, and _compact rewrites the pool (and the rows of `points`) cluster by cluster.
-    # Room for 2N appends: one iteration can move at most N points, so compaction happens after >= N moves.
+    # Each cluster's members occupy pool[seg_start : seg_start + seg_len], farthest first, so a scan can stop
+    # at the first member too close to move. Each pool entry carries its point's sketch, so the scan reads
+    # memory in order. Points that change cluster are appended at the end; _compact rewrites the pool.
+    # Room for 2N appends: one iteration moves at most N points, so compaction waits for >= N moves.
     capacity = 3 * n
     pool_row = np.empty(capacity, dtype=np.int64)
     pool_d2 = np.empty(capacity, dtype=np.float64)  # squared distance to the cluster's center
+    pool_sketch = np.empty((capacity, s), dtype=np.float32)
     seg_start = np.zeros(n_select, dtype=np.int64)
     seg_len = np.zeros(n_select, dtype=np.int64)
     radius2 = np.zeros(n_select, dtype=np.float64)
-    far = np.zeros(n_select, dtype=np.int64)  # original index of the farthest member
+    far = np.zeros(n_select, dtype=np.int64)  # original index of the farthest member, lowest on ties
     touched = np.empty(n_select, dtype=np.int64)
     between2 = np.empty(n_select, dtype=np.float64)
+    scanned_end = np.empty(n_select, dtype=np.int64)
+    check_pos = np.empty(n, dtype=np.int64)
+    check_d2 = np.empty(n, dtype=np.float64)
     leaves = 1
     while leaves < n_select:
         leaves *= 2
@@ -212,16 +258,13 @@ def _greedy_kcenter(points: np.ndarray, n_select: int, start: int) -> np.ndarray
     order[0] = start
     is_center[start] = True
     centers[0] = points[start]
-    far[0] = start
+    center_sketch[:, 0] = sketch[start]
+    d2_all = np.empty(n, dtype=np.float64)
     for i in range(n):
-        d2 = _sqdist_until(points, i, centers, 0, np.inf)
-        pool_row[i] = i
-        pool_d2[i] = d2
-        if d2 > radius2[0]:
-            radius2[0] = d2
-            far[0] = i
+        d2_all[i] = _sqdist(points, i, centers, 0)
+    used = _fill_sorted(orig, d2_all, sketch, 0, pool_row, pool_d2, pool_sketch)
     seg_len[0] = n
-    used = n
+    _set_radius(0, pool_row, pool_d2, orig, seg_start, seg_len, radius2, far, threshold, tolerance)
     _tree_update(tree, 0, radius2, far)
 
     for t in range(1, n_select):
@@ -229,72 +272,173 @@ def _greedy_kcenter(points: np.ndarray, n_select: int, start: int) -> np.ndarray
         if radius2[best] <= 0.0:
             # Every remaining point duplicates a selected one: all distances are 0, so ties decide.
             i = 0
-            for s in range(t, n_select):
+            for q in range(t, n_select):
                 while is_center[i]:
                     i += 1
-                order[s] = i
+                order[q] = i
                 is_center[i] = True
             break
         c = far[best]
         order[t] = c
         is_center[c] = True
         centers[t] = points[row_of[c]]
+        center_sketch[:, t] = sketch[c]
+        new_sketch[0] = sketch[c]
 
+        # Clusters that can lose points to c: d(c, center_j) < 2 radius_j. The sketch bound screens all
+        # centers; exact distances follow in a separate loop, whose independent loads overlap.
+        n_candidates = 0
+        for lo in range(0, t, _SCAN_BLOCK):
+            hi = min(lo + _SCAN_BLOCK, t)
+            # Slices, so the inner index starts at 0 and LLVM vectorises without negative-index gathers.
+            block = scan[: hi - lo]
+            block[:] = 0.0
+            for u in range(s):
+                cu = center_sketch[u, t]
+                row = center_sketch[u, lo:hi]
+                for q in range(hi - lo):
+                    diff = row[q] - cu
+                    block[q] += diff * diff
+            limit = threshold[lo:hi]
+            for q in range(hi - lo):
+                if block[q] < limit[q]:
+                    touched[n_candidates] = lo + q
+                    n_candidates += 1
         n_touched = 0
         volume = 0
-        for j in range(t):
-            r2 = radius2[j]
-            if r2 <= 0.0:  # members at distance 0 cannot get strictly closer
-                continue
-            bound = 4.0 * r2 * _SLACK
-            b2 = _sqdist_until(centers, t, centers, j, bound)
-            if b2 < bound:
+        for q in range(n_candidates):
+            j = touched[q]
+            b2 = _sqdist(centers, t, centers, j)
+            if b2 < 4.0 * radius2[j] * _SLACK:
                 touched[n_touched] = j
                 between2[n_touched] = b2
                 n_touched += 1
                 volume += seg_len[j]
         if used + volume > capacity:
-            used = _compact(points, orig, row_of, pool_row, pool_d2, seg_start, seg_len, t)
+            used = _compact(points, orig, row_of, pool_row, pool_d2, pool_sketch, seg_start, seg_len, t)
 
-        new_start = used
-        new_radius2 = -1.0
-        new_far = n
+        # Members that can move: d(c, center_j) < 2 d(x, center_j) (members come farthest first, so each
+        # scan stops early), and the sketch bound below d(x, center_j). Again exact distances come after.
+        n_checks = 0
         for q in range(n_touched):
             j = touched[q]
-            # A member x can only move when d(c, center_j) < 2 d(x, center_j).
             stay_below = between2[q] / (4.0 * _SLACK)
-            keep = seg_start[j]
-            keep_radius2 = -1.0
-            keep_far = n
-            for pos in range(seg_start[j], seg_start[j] + seg_len[j]):
-                row = pool_row[pos]
-                di = pool_d2[pos]
-                if di > stay_below:
-                    d2 = _sqdist_until(points, row, centers, t, di)
-                    if d2 < di:
-                        pool_row[used] = row
+            pos = seg_start[j]
+            end = pos + seg_len[j]
+            while pos < end and pool_d2[pos] > stay_below:
+                if _sketch_sqdist(pool_sketch, pos, new_sketch, 0) < pool_d2[pos] * _SKETCH_SLACK + tolerance:
+                    check_pos[n_checks] = pos
+                    n_checks += 1
+                pos += 1
+            scanned_end[q] = pos
+        for q in range(n_checks):
+            check_d2[q] = _sqdist(points, pool_row[check_pos[q]], centers, t)
+
+        new_start = used
+        k = 0
+        for q in range(n_touched):
+            j = touched[q]
+            lo = seg_start[j]
+            keep = lo
+            for pos in range(lo, scanned_end[q]):
+                if k < n_checks and check_pos[k] == pos:
+                    d2 = check_d2[k]
+                    k += 1
+                    if d2 < pool_d2[pos]:
+                        _move_entry(pool_row, pool_d2, pool_sketch, pos, used)
                         pool_d2[used] = d2
                         used += 1
-                        if d2 > new_radius2 or (d2 == new_radius2 and orig[row] < new_far):
-                            new_radius2 = d2
-                            new_far = orig[row]
                         continue
-                pool_row[keep] = row
-                pool_d2[keep] = di
+                if keep != pos:
+                    _move_entry(pool_row, pool_d2, pool_sketch, pos, keep)
                 keep += 1
-                if di > keep_radius2 or (di == keep_radius2 and orig[row] < keep_far):
-                    keep_radius2 = di
-                    keep_far = orig[row]
-            seg_len[j] = keep - seg_start[j]
-            radius2[j] = keep_radius2
-            far[j] = keep_far
+            moved = scanned_end[q] - keep
+            if moved == 0:
+                continue
+            # Close the gap: shift the members that stayed up against the part that was not scanned.
+            for q2 in range(keep - 1, lo - 1, -1):
+                _move_entry(pool_row, pool_d2, pool_sketch, q2, q2 + moved)
+            seg_start[j] = lo + moved
+            seg_len[j] -= moved
+            _set_radius(j, pool_row, pool_d2, orig, seg_start, seg_len, radius2, far, threshold, tolerance)
             _tree_update(tree, j, radius2, far)
+        # Sort the new cluster's members, farthest first.
+        _fill_sorted(
+            pool_row[new_start:used].copy(),
+            pool_d2[new_start:used].copy(),
+            pool_sketch[new_start:used].copy(),
+            new_start,
+            pool_row,
+            pool_d2,
+            pool_sketch,
+        )
         seg_start[t] = new_start
         seg_len[t] = used - new_start
-        radius2[t] = new_radius2
-        far[t] = new_far
+        _set_radius(t, pool_row, pool_d2, orig, seg_start, seg_len, radius2, far, threshold, tolerance)
         _tree_update(tree, t, radius2, far)
     return order
+
+
+@numba.njit(cache=True)
+def _fill_sorted(
+    rows: np.ndarray,
+    d2: np.ndarray,
+    sketch: np.ndarray,
+    at: int,
+    pool_row: np.ndarray,
+    pool_d2: np.ndarray,
+    pool_sketch: np.ndarray,
+) -> int:
+    # Write the entries (rows, d2, sketch) into the pool from `at` on, farthest first; return the end.
+    for q, k in enumerate(np.argsort(-d2)):
+        pool_row[at + q] = rows[k]
+        pool_d2[at + q] = d2[k]
+        pool_sketch[at + q] = sketch[k]
+    return at + d2.shape[0]
+
+
+@numba.njit(cache=True)
+def _set_radius(
+    j: int,
+    pool_row: np.ndarray,
+    pool_d2: np.ndarray,
+    orig: np.ndarray,
+    seg_start: np.ndarray,
+    seg_len: np.ndarray,
+    radius2: np.ndarray,
+    far: np.ndarray,
+    threshold: np.ndarray,
+    tolerance: float,
+) -> None:
+    # Radius and farthest member of cluster j, read from the head of its sorted segment.
+    lo = seg_start[j]
+    end = lo + seg_len[j]
+    radius2[j] = pool_d2[lo]
+    far[j] = orig[pool_row[lo]]
+    pos = lo + 1
+    while pos < end and pool_d2[pos] == radius2[j]:
+        far[j] = min(far[j], orig[pool_row[pos]])
+        pos += 1
+    # A cluster of radius 0 cannot lose points: make its threshold unreachable.
+    threshold[j] = 4.0 * radius2[j] * _SKETCH_SLACK + tolerance if radius2[j] > 0.0 else -1.0
+
+
+@numba.njit(cache=True)
+def _permute_rows(rows: np.ndarray, source: np.ndarray) -> None:
+    # rows[r] <- rows[source[r]] for every r, in place, cycle by cycle: no second N x d array.
+    done = np.zeros(rows.shape[0], dtype=np.bool_)
+    saved = np.empty(rows.shape[1], dtype=rows.dtype)
+    for first in range(rows.shape[0]):
+        if done[first]:
+            continue
+        saved[:] = rows[first]
+        r = first
+        while source[r] != first:
+            rows[r] = rows[source[r]]
+            done[r] = True
+            r = source[r]
+        rows[r] = saved
+        done[r] = True
 
 
 @numba.njit(cache=True)
@@ -304,15 +448,17 @@ def _compact(
     row_of: np.ndarray,
     pool_row: np.ndarray,
     pool_d2: np.ndarray,
+    pool_sketch: np.ndarray,
     seg_start: np.ndarray,
     seg_len: np.ndarray,
     n_clusters: int,
 ) -> int:
-    # Rewrite the pool as consecutive segments and move the rows of `points` into the same order, so a
+    # Rewrite the pool as consecutive segments, and move the rows of `points` into the same order so a
     # cluster's members are read as one contiguous block. Returns the pool's new fill level (N).
     n = points.shape[0]
     source = np.empty(n, dtype=np.int64)  # new row -> old row
     d2 = np.empty(n, dtype=np.float64)
+    sketch = np.empty((n, pool_sketch.shape[1]), dtype=np.float32)
     filled = 0
     for j in np.argsort(seg_start[:n_clusters]):
         lo = seg_start[j]
@@ -320,25 +466,14 @@ def _compact(
         for q in range(seg_len[j]):
             source[filled] = pool_row[lo + q]
             d2[filled] = pool_d2[lo + q]
+            sketch[filled] = pool_sketch[lo + q]
             filled += 1
-    # Permute the rows in place, cycle by cycle, so no second N x d array is needed.
-    done = np.zeros(n, dtype=np.bool_)
-    saved = np.empty(points.shape[1], dtype=points.dtype)
-    for first in range(n):
-        if done[first]:
-            continue
-        saved[:] = points[first]
-        row = first
-        while source[row] != first:
-            points[row] = points[source[row]]
-            done[row] = True
-            row = source[row]
-        points[row] = saved
-        done[row] = True
+    _permute_rows(points, source)
     old_orig = orig.copy()
-    for row in range(n):
-        orig[row] = old_orig[source[row]]
-        row_of[orig[row]] = row
-        pool_row[row] = row
-        pool_d2[row] = d2[row]
+    for r in range(n):
+        orig[r] = old_orig[source[r]]
+        row_of[orig[r]] = r
+        pool_row[r] = r
+        pool_d2[r] = d2[r]
+    pool_sketch[:n] = sketch
     return n

@@ -406,9 +406,13 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
     for item in inputs:
         text = str(item)
         path = Path(item)
-        if path.is_file():
+        try:
+            is_file, is_dir = path.is_file(), path.is_dir()
+        except OSError as exc:  # e.g. a name longer than the filesystem allows
+            raise InputError(f"{path}: cannot access ({exc.strerror or exc})") from None
+        if is_file:
             found = [path]
-        elif path.is_dir():
+        elif is_dir:
             found = list(_walk(path, set()))
             if not found:
                 raise InputError(f"{path}: no images found in folder (looked for {_looked_for()})")

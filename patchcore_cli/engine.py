@@ -20,7 +20,7 @@ import numpy as np
 
 from patchcore_cli import bank as bank_io
 from patchcore_cli.config import FitConfig
-from patchcore_cli.errors import BankError, ImageError, InputError
+from patchcore_cli.errors import BankError, ConfigError, ImageError, InputError
 from patchcore_cli.features import Geometry, crop_geometry, embedding_dim, preprocess
 
 MIN_FIT_IMAGES = 2
@@ -148,7 +148,12 @@ class Extractor:
             maps = self.trunk(to_tensor(pixels))
         self.grid = maps[self.trunk.layers[0]].shape[-1]
         with timings.stage("aggregate + reduce"):
-            out = embed([maps[name] for name in self.trunk.layers], self.config.dim)
+            out = embed(
+                [maps[name] for name in self.trunk.layers],
+                self.config.dim,
+                self.config.reduction,
+                self.config.seed,
+            )
         return out.numpy()
 
 
@@ -206,8 +211,10 @@ def fit(
 
     progress = progress or _Silent()
     if len(paths) < MIN_FIT_IMAGES:
+        given = "".join(f": {path}" for path in paths)
         raise InputError(
-            f"fit needs at least {MIN_FIT_IMAGES} good images (calibration leaves one out), got {len(paths)}"
+            f"fit needs at least {MIN_FIT_IMAGES} good images (calibration leaves one out), "
+            f"got {len(paths)}{given}"
         )
     timings = Timings()
     set_threads(config.threads)
@@ -336,8 +343,13 @@ def _stored_weights(bank: bank_io.Bank) -> str | None:
     if bank.weights_sha256 == RANDOM_WEIGHTS:
         return RANDOM_WEIGHTS
     hint = bank.config.get("weights_file")
-    if isinstance(hint, str) and Path(hint).is_file() and sha256_file(Path(hint)) == bank.weights_sha256:
-        return hint
+    if not isinstance(hint, str):
+        return None
+    try:
+        if Path(hint).is_file() and sha256_file(Path(hint)) == bank.weights_sha256:
+            return hint
+    except (OSError, ValueError):  # the bank names a path that cannot be read (too long, NUL, no access)
+        pass
     return None
 
 
@@ -353,13 +365,23 @@ class Scorer:
         bank_path: str = "bank",
         extractor: Extractor | None = None,
     ) -> None:
-        from patchcore_cli.config import from_bank
+        from patchcore_cli.config import from_bank, validate
         from patchcore_cli.scoring import NearestNeighbours
 
         self.bank = bank
         if weights is None:
             weights = _stored_weights(bank)
-        self.config = from_bank(bank.config, batch_size=batch_size, threads=threads, weights=weights)
+        # A bank file is untrusted input: its config is checked like a config file, and options that only
+        # set how a run goes (threads, batch size, weights) come from this run, never from the file.
+        stored = {key: value for key, value in bank.config.items() if key not in FitConfig.RUNTIME}
+        try:
+            model = validate(from_bank(stored), "bank config")
+        except ConfigError as exc:
+            problem = exc.message.removeprefix("bank config: ")
+            raise BankError(f"{bank_path}: unusable config stored in the bank: {problem}") from None
+        self.config = validate(
+            from_bank(model.model_dict(), batch_size=batch_size, threads=threads, weights=weights), "options"
+        )
         set_threads(self.config.threads)
         self.timings = Timings()
         if extractor is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -82,8 +83,12 @@ class Trunk:
             )
         self.layers = tuple(sorted(layers, key=lambda name: spec.stages[name]))
         self.taps = {spec.stages[name]: name for name in self.layers}
-        depth = max(self.taps) + 1
-        self.modules: list[nn.Module] = [loaded.model.get_submodule(path) for path in spec.trunk[:depth]]
+        self.features_only = spec.features_only
+        if self.features_only:  # one module whose forward returns every stage's map
+            self.modules: list[nn.Module] = [loaded.model]
+        else:
+            depth = max(self.taps) + 1
+            self.modules = [loaded.model.get_submodule(path) for path in spec.trunk[:depth]]
         self.channels = [spec.channels[name] for name in self.layers]
         self.mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std).view(1, 3, 1, 1)
@@ -109,6 +114,9 @@ class Trunk:
         out: dict[str, torch.Tensor] = {}
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
+            if self.features_only:
+                maps = self.modules[0](x)
+                return {name: maps[index].float() for index, name in self.taps.items()}
             for index, module in enumerate(self.modules):
                 x = module(x)
                 if index in self.taps:
@@ -124,13 +132,22 @@ def to_tensor(batch: Sequence[np.ndarray]) -> torch.Tensor:
     return stacked.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def embed(feature_maps: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+
+
+def embed(
+    feature_maps: Sequence[torch.Tensor], dim: int, reduction: str = "avgpool", seed: int = 0
+) -> torch.Tensor:
     """Stage feature maps -> patch embeddings (paper §3.1).
 
     Each map (B x C_l x H_l x W_l) is averaged over a p x p neighbourhood (eq. 1-2) and bilinearly
-    resized to the finest stage's grid. If the stages together have more than `dim` channels, each stage
-    is reduced to an equal share of `dim` by adaptive average pooling over channels, as the reference
-    implementation reduces, so a deep stage with many channels cannot drown a shallow one.
+    resized to the finest stage's grid. If the stages together have more than `dim` channels, they are
+    reduced to `dim`:
+
+    - "avgpool" (the reference implementation's way): each stage is pooled over channels to an equal
+      share of `dim`, so a deep stage with many channels cannot drown a shallow one;
+    - "random": the concatenation is multiplied by a seeded Gaussian matrix (Johnson-Lindenstrauss), which
+      keeps Euclidean distances in expectation.
+
     Returns B x H_0*W_0 x D with D = min(dim, sum C_l).
     """
     import torch
@@ -138,7 +155,7 @@ def embed(feature_maps: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
 
     height, width = feature_maps[0].shape[-2:]
     total = sum(fmap.shape[1] for fmap in feature_maps)
-    shares = _channel_shares(dim, len(feature_maps)) if total > dim else None
+    shares = _channel_shares(dim, len(feature_maps)) if total > dim and reduction == "avgpool" else None
     parts = []
     for index, fmap in enumerate(feature_maps):
         # Zero padding counts at the border, as the reference's unfold-and-average does; this measured
@@ -151,7 +168,19 @@ def embed(feature_maps: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
         if shares is not None and channels != shares[index]:
             flat = F.adaptive_avg_pool1d(flat.unsqueeze(1), shares[index]).squeeze(1)
         parts.append(flat)
-    return torch.cat(parts, dim=1).reshape(feature_maps[0].shape[0], height * width, -1)
+    out = torch.cat(parts, dim=1)
+    if total > dim and reduction == "random":
+        out = out @ random_matrix(total, dim, seed)
+    return out.reshape(feature_maps[0].shape[0], height * width, -1)
+
+
+@functools.lru_cache(maxsize=4)
+def random_matrix(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """A seeded rows x cols Gaussian projection scaled by 1/sqrt(cols); rebuilt identically at score time."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy((rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32))
 
 
 def _channel_shares(dim: int, count: int) -> list[int]:

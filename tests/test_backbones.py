@@ -102,3 +102,36 @@ def test_packaged_lite_weights_load_by_position():
     assert loaded.weights_source.endswith(".pth") and len(loaded.weights_sha256) == 64
     # The packaged stem convolution is non-random ImageNet weights: mean |w| differs from timm's init.
     assert loaded.model.conv_stem.weight.abs().mean() > 0.05
+
+
+def test_generic_timm_model_with_a_weights_file(tmp_path):
+    import timm
+
+    reference = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "timm_r18.pth"
+    torch.save(reference.state_dict(), path)
+    loaded = backbones.load_backbone("timm:resnet18", weights=str(path))
+    torch.testing.assert_close(loaded.model.conv1.weight, reference.conv1.weight)
+    maps = Trunk(loaded, ["layer2", "layer3"])(torch.rand(1, 3, 64, 64))
+    assert maps["layer2"].shape == (1, 128, 8, 8) and maps["layer3"].shape == (1, 256, 4, 4)
+
+
+def test_generic_timm_model_refuses_weights_that_do_not_fit(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"something": torch.zeros(2)}, path)
+    with pytest.raises(WeightsError, match="does not fit"):
+        backbones.load_backbone("timm:resnet18", weights=str(path))
+    with pytest.raises(WeightsError, match="--weights FILE"):
+        backbones.load_backbone("timm:resnet18")
+
+
+def test_generic_torchvision_resnet_family():
+    loaded = backbones.load_backbone("torchvision:resnet34", weights="random")
+    maps = Trunk(loaded, ["layer2"])(torch.rand(1, 3, 64, 64))
+    assert maps["layer2"].shape == (1, 128, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["timm:no_such_model", "torchvision:no_such_model", "torchvision:vit_b_16"])
+def test_generic_names_that_cannot_work(name):
+    with pytest.raises(ConfigError):
+        backbones.get(name)
