@@ -14,6 +14,7 @@ import functools
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ TF_LITE_MEAN = (0.5, 0.5, 0.5)
 TF_LITE_STD = (0.5, 0.5, 0.5)
 
 RANDOM_WEIGHTS = "random"
+_SEEDED_INIT = threading.Lock()
 OFFLINE_HINT = "--backbone efficientnet_lite0 (its weights ship with the package and work offline)"
 
 
@@ -437,7 +439,9 @@ def load_backbone(name: str, weights: str | None = None, seed: int = 0) -> Loade
     import torch
 
     spec = get(name)
-    with torch.random.fork_rng():
+    # fork_rng and manual_seed act on torch's one global generator: builds in two threads at once would
+    # interleave their draws and get different "random" weights for the same seed.
+    with _SEEDED_INIT, torch.random.fork_rng():
         torch.manual_seed(seed)  # random init is reproducible, and only matters for "random"
         model = spec.build()
     model.eval()

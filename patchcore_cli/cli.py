@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from patchcore_cli import __version__
 from patchcore_cli.errors import PatchcoreError
@@ -54,7 +55,9 @@ def handle_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except PatchcoreError as exc:
-            err.print(f"[bold red]error:[/] {exc.message}", highlight=False, markup=True, soft_wrap=True)
+            # The message names user files: `part[/red].png` must print as it is, not be read as markup.
+            message = escape(exc.message)
+            err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -159,7 +162,8 @@ ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="YAML file of options; command-line options override it.")
 ]
 MaxPixelsOpt = Annotated[
-    int | None, typer.Option("--max-pixels", help="Refuse images with more pixels than this (default 64M).")
+    int | None,
+    typer.Option("--max-pixels", min=1, help="Refuse images with more pixels than this (default 64M)."),
 ]
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")
@@ -225,6 +229,7 @@ def fit(
         precision=precision,
     )
     paths = list_images(inputs)
+    bank_io.check_destination(out_path)  # a mistyped --out fails now, not after the whole fit
     _warn_random(config.weights == "random")
     with RichProgress(enabled=not as_json or err.is_terminal) as progress:
         result = run_fit(paths, config, progress=progress, max_pixels=_max_pixels(max_pixels))
@@ -491,7 +496,8 @@ def _run_benchmark(
 
     def announce(row: Any) -> None:
         err.print(
-            f"[bold]{row.row}[/] / {row.dataset}: image AUROC {report.fmt(row.metric('image_auroc'))}, "
+            f"[bold]{escape(row.row)}[/] / {escape(row.dataset)}: "
+            f"image AUROC {report.fmt(row.metric('image_auroc'))}, "
             f"pixel AUROC {report.fmt(row.metric('pixel_auroc'))}, AUPRO {report.fmt(row.metric('aupro'))}"
         )
 

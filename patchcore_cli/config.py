@@ -12,6 +12,7 @@ from typing import Any
 from patchcore_cli.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
+MAX_IMAGE_SIZE = 4096  # a bank or config asking for more is refused before any image is resized
 REDUCTIONS = ("avgpool", "random")  # see features.embed
 
 
@@ -93,7 +94,10 @@ def validate(config: FitConfig, source: str = "config") -> FitConfig:
 
     checks = [
         (0.0 < config.coreset <= 1.0, f"coreset must be in (0, 1], got {config.coreset}"),
-        (config.image_size >= 32, f"image_size must be at least 32, got {config.image_size}"),
+        (
+            32 <= config.image_size <= MAX_IMAGE_SIZE,
+            f"image_size must be between 32 and {MAX_IMAGE_SIZE}, got {config.image_size}",
+        ),
         (
             32 <= config.crop <= config.image_size,
             f"crop must be between 32 and image_size ({config.image_size}), got {config.crop}",
@@ -118,7 +122,10 @@ def validate(config: FitConfig, source: str = "config") -> FitConfig:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{source}: {message}")
-    spec = backbones.get(config.backbone)
+    try:
+        spec = backbones.get(config.backbone)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc.message}") from None
     unknown = [layer for layer in config.layers if layer not in spec.stages]
     if unknown:
         raise ConfigError(

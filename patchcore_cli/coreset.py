@@ -25,7 +25,11 @@ import numpy as np
 # the result, only the work.
 _SLACK = 1.0 + 1e-6
 _SKETCH_SLACK = 1.0 + 1e-4
-_SKETCH_DIM = 16
+# The sketch has 32 coordinates, kept as two halves of 16 (one cache line each): the second half is read
+# only for the points the first half does not rule out. (16 also suits LLVM: a width it cannot split into
+# whole vectors, such as 29, makes the bound loop scalar and several times slower.)
+_HALF = 16
+_SKETCH_DIM = 2 * _HALF
 _SKETCH_SAMPLE = 16384  # rows used to estimate the principal axes; any orthonormal basis is a valid bound
 _SCAN_BLOCK = 256  # centers per block in the vectorised center scan
 # Exact distances only need reassociation (vectorised sums) and fused multiply-add; no NaN/inf shortcuts.
@@ -147,11 +151,12 @@ def _sketch(points: np.ndarray) -> tuple[np.ndarray, float]:
     sample -= mean
     _, axes = np.linalg.eigh(sample.T @ sample)
     basis = axes[:, ::-1][:, : min(_SKETCH_DIM, d)]  # eigh sorts ascending
-    sketch = np.empty((n, basis.shape[1]), dtype=np.float32)
+    # Fewer dimensions than sketch slots: the spare coordinates stay 0 and add nothing to the bound.
+    sketch = np.zeros((n, _SKETCH_DIM), dtype=np.float32)
     largest = 0.0
     for lo in range(0, n, _CHUNK_ROWS):
         rows = points[lo : lo + _CHUNK_ROWS].astype(np.float64) - mean
-        sketch[lo : lo + _CHUNK_ROWS] = rows @ basis
+        sketch[lo : lo + _CHUNK_ROWS, : basis.shape[1]] = rows @ basis
         largest = max(largest, float(np.einsum("ij,ij->i", rows, rows).max()))
     return sketch, 1e-6 * largest
 
@@ -173,8 +178,8 @@ def _sqdist(a: np.ndarray, i: int, b: np.ndarray, j: int) -> float:
 
 @numba.njit(cache=True, fastmath=_FASTMATH, inline="always")
 def _sketch_sqdist(a: np.ndarray, i: int, b: np.ndarray, j: int) -> float:
-    # Lower bound on the squared distance, from the float32 sketches (looping to the array's width rather
-    # than a constant lets LLVM vectorise the sum).
+    # The sketch lower bound, in float32. The loop runs to the array's width, a run-time value: LLVM
+    # vectorises it, where a constant trip count gets unrolled into scalar code.
     total = np.float32(0.0)
     for t in range(a.shape[1]):
         diff = a[i, t] - b[j, t]
@@ -183,14 +188,20 @@ def _sketch_sqdist(a: np.ndarray, i: int, b: np.ndarray, j: int) -> float:
 
 
 @numba.njit(cache=True, inline="always")
-def _move_entry(
-    pool_row: np.ndarray, pool_d2: np.ndarray, pool_sketch: np.ndarray, src: int, dst: int
+def _copy_entry(
+    pool_row: np.ndarray,
+    pool_d2: np.ndarray,
+    pool_near: np.ndarray,
+    pool_far: np.ndarray,
+    src: int,
+    dst: int,
 ) -> None:
-    # Element by element: assigning a row slice costs several times more than copying 16 floats.
+    # Element by element: assigning a row slice costs several times more than copying the floats.
     pool_row[dst] = pool_row[src]
     pool_d2[dst] = pool_d2[src]
-    for u in range(pool_sketch.shape[1]):
-        pool_sketch[dst, u] = pool_sketch[src, u]
+    for u in range(_HALF):
+        pool_near[dst, u] = pool_near[src, u]
+        pool_far[dst, u] = pool_far[src, u]
 
 
 @numba.njit(cache=True)
@@ -220,34 +231,42 @@ def _tree_update(tree: np.ndarray, leaf: int, radius2: np.ndarray, far: np.ndarr
 def _greedy_kcenter(
     points: np.ndarray, sketch: np.ndarray, tolerance: float, n_select: int, start: int
 ) -> np.ndarray:
-    # points N x d float32, sketch N x s float32 -> n_select int64 indices in greedy order.
+    # points N x d float32, sketch N x _SKETCH_DIM float32 -> n_select int64 indices in greedy order.
     # Reorders the rows of `points` in place (`orig` remembers where each came from).
     n = points.shape[0]
-    s = sketch.shape[1]
     order = np.empty(n_select, dtype=np.int64)
     is_center = np.zeros(n, dtype=np.bool_)  # by original index
-    centers = np.empty((n_select, points.shape[1]), dtype=np.float32)
-    center_sketch = np.empty((s, n_select), dtype=np.float32)  # transposed: the scan runs along centers
-    threshold = np.empty(n_select, dtype=np.float32)  # sketch distance^2 that rules a cluster out
-    scan = np.empty(_SCAN_BLOCK, dtype=np.float32)
-    new_sketch = np.empty((1, s), dtype=np.float32)
     orig = np.arange(n)  # original index of each row of `points`
-    row_of = np.arange(n)
-    # Each cluster's members occupy pool[seg_start : seg_start + seg_len], farthest first, so a scan can stop
-    # at the first member too close to move. Each pool entry carries its point's sketch, so the scan reads
-    # memory in order. Points that change cluster are appended at the end; _compact rewrites the pool.
-    # Room for 2N appends: one iteration moves at most N points, so compaction waits for >= N moves.
+    centers = np.empty((n_select, points.shape[1]), dtype=np.float32)
+    # Centers' sketches: the first half transposed, so the scan over all centers runs along j and
+    # vectorises; the second half as rows, to refine the few centers the first half leaves.
+    scan_near = np.empty((_HALF, n_select), dtype=np.float32)
+    center_far = np.empty((n_select, _HALF), dtype=np.float32)
+    new_near = np.empty((1, _HALF), dtype=np.float32)  # the new center's sketch, both halves
+    new_far = np.empty((1, _HALF), dtype=np.float32)
+    threshold = np.empty(n_select, dtype=np.float32)  # sketch distance^2 from which a cluster is safe
+    scan = np.empty(_SCAN_BLOCK, dtype=np.float32)
+    candidate_lb = np.empty(n_select, dtype=np.float32)
+
+    # The pool: cluster j's members are entries seg_start[j] .. seg_start[j] + seg_len[j] - 1, farthest
+    # first, so a scan stops at the first member too close to move. An entry is the point's row in
+    # `points`, its squared distance to the cluster's center, and its sketch. Points that change cluster
+    # are appended at the end; _compact rewrites the pool. Room for 2N appends: one pick moves at most
+    # N points, so compaction waits for at least N moves.
     capacity = 3 * n
     pool_row = np.empty(capacity, dtype=np.int64)
-    pool_d2 = np.empty(capacity, dtype=np.float64)  # squared distance to the cluster's center
-    pool_sketch = np.empty((capacity, s), dtype=np.float32)
+    pool_d2 = np.empty(capacity, dtype=np.float64)
+    pool_near = np.empty((capacity, _HALF), dtype=np.float32)
+    pool_far = np.empty((capacity, _HALF), dtype=np.float32)
     seg_start = np.zeros(n_select, dtype=np.int64)
     seg_len = np.zeros(n_select, dtype=np.int64)
     radius2 = np.zeros(n_select, dtype=np.float64)
     far = np.zeros(n_select, dtype=np.int64)  # original index of the farthest member, lowest on ties
+    far_pos = np.zeros(n_select, dtype=np.int64)  # its pool position
     touched = np.empty(n_select, dtype=np.int64)
     between2 = np.empty(n_select, dtype=np.float64)
     scanned_end = np.empty(n_select, dtype=np.int64)
+    checks_from = np.empty(n_select + 1, dtype=np.int64)
     check_pos = np.empty(n, dtype=np.int64)
     check_d2 = np.empty(n, dtype=np.float64)
     leaves = 1
@@ -258,13 +277,21 @@ def _greedy_kcenter(
     order[0] = start
     is_center[start] = True
     centers[0] = points[start]
-    center_sketch[:, 0] = sketch[start]
-    d2_all = np.empty(n, dtype=np.float64)
+    d2_start = np.empty(n, dtype=np.float64)
     for i in range(n):
-        d2_all[i] = _sqdist(points, i, centers, 0)
-    used = _fill_sorted(orig, d2_all, sketch, 0, pool_row, pool_d2, pool_sketch)
+        d2_start[i] = _sqdist(points, i, centers, 0)
+    for pos, i in enumerate(np.argsort(-d2_start)):
+        pool_row[pos] = i
+        pool_d2[pos] = d2_start[i]
+        for u in range(_HALF):
+            pool_near[pos, u] = sketch[i, u]
+            pool_far[pos, u] = sketch[i, _HALF + u]
+    used = n
     seg_len[0] = n
-    _set_radius(0, pool_row, pool_d2, orig, seg_start, seg_len, radius2, far, threshold, tolerance)
+    for u in range(_HALF):
+        scan_near[u, 0] = sketch[start, u]
+        center_far[0, u] = sketch[start, _HALF + u]
+    _set_radius(0, pool_row, pool_d2, orig, seg_start, seg_len, radius2, far, far_pos, threshold, tolerance)
     _tree_update(tree, 0, radius2, far)
 
     for t in range(1, n_select):
@@ -281,21 +308,25 @@ def _greedy_kcenter(
         c = far[best]
         order[t] = c
         is_center[c] = True
-        centers[t] = points[row_of[c]]
-        center_sketch[:, t] = sketch[c]
-        new_sketch[0] = sketch[c]
+        p = far_pos[best]
+        centers[t] = points[pool_row[p]]
+        for u in range(_HALF):
+            new_near[0, u] = pool_near[p, u]
+            new_far[0, u] = pool_far[p, u]
+            scan_near[u, t] = pool_near[p, u]
+            center_far[t, u] = pool_far[p, u]
 
-        # Clusters that can lose points to c: d(c, center_j) < 2 radius_j. The sketch bound screens all
-        # centers; exact distances follow in a separate loop, whose independent loads overlap.
+        # Clusters that can lose points to c: d(c, center_j) < 2 radius_j. A vectorised pass over the
+        # first sketch half of all centers, then the second half, then the exact distance.
         n_candidates = 0
         for lo in range(0, t, _SCAN_BLOCK):
             hi = min(lo + _SCAN_BLOCK, t)
             # Slices, so the inner index starts at 0 and LLVM vectorises without negative-index gathers.
             block = scan[: hi - lo]
             block[:] = 0.0
-            for u in range(s):
-                cu = center_sketch[u, t]
-                row = center_sketch[u, lo:hi]
+            for u in range(_HALF):
+                cu = scan_near[u, t]
+                row = scan_near[u, lo:hi]
                 for q in range(hi - lo):
                     diff = row[q] - cu
                     block[q] += diff * diff
@@ -303,11 +334,14 @@ def _greedy_kcenter(
             for q in range(hi - lo):
                 if block[q] < limit[q]:
                     touched[n_candidates] = lo + q
+                    candidate_lb[n_candidates] = block[q]
                     n_candidates += 1
         n_touched = 0
         volume = 0
         for q in range(n_candidates):
             j = touched[q]
+            if candidate_lb[q] + _sketch_sqdist(center_far, t, center_far, j) >= threshold[j]:
+                continue
             b2 = _sqdist(centers, t, centers, j)
             if b2 < 4.0 * radius2[j] * _SLACK:
                 touched[n_touched] = j
@@ -315,86 +349,71 @@ def _greedy_kcenter(
                 n_touched += 1
                 volume += seg_len[j]
         if used + volume > capacity:
-            used = _compact(points, orig, row_of, pool_row, pool_d2, pool_sketch, seg_start, seg_len, t)
+            used = _compact(
+                points, orig, pool_row, pool_d2, pool_near, pool_far, seg_start, seg_len, far_pos, t
+            )
 
-        # Members that can move: d(c, center_j) < 2 d(x, center_j) (members come farthest first, so each
-        # scan stops early), and the sketch bound below d(x, center_j). Again exact distances come after.
+        # Members that can move: d(c, center_j) < 2 d(x, center_j), and the sketch bound below
+        # d(x, center_j). Exact distances come in a loop of their own, whose independent loads overlap.
         n_checks = 0
         for q in range(n_touched):
             j = touched[q]
             stay_below = between2[q] / (4.0 * _SLACK)
+            checks_from[q] = n_checks
             pos = seg_start[j]
             end = pos + seg_len[j]
             while pos < end and pool_d2[pos] > stay_below:
-                if _sketch_sqdist(pool_sketch, pos, new_sketch, 0) < pool_d2[pos] * _SKETCH_SLACK + tolerance:
+                limit2 = pool_d2[pos] * _SKETCH_SLACK + tolerance
+                bound = _sketch_sqdist(pool_near, pos, new_near, 0)
+                if bound < limit2 and bound + _sketch_sqdist(pool_far, pos, new_far, 0) < limit2:
                     check_pos[n_checks] = pos
                     n_checks += 1
                 pos += 1
             scanned_end[q] = pos
+        checks_from[n_touched] = n_checks
         for q in range(n_checks):
             check_d2[q] = _sqdist(points, pool_row[check_pos[q]], centers, t)
 
         new_start = used
-        k = 0
         for q in range(n_touched):
+            k = checks_from[q]
+            if k == checks_from[q + 1]:
+                continue
             j = touched[q]
             lo = seg_start[j]
             keep = lo
             for pos in range(lo, scanned_end[q]):
-                if k < n_checks and check_pos[k] == pos:
+                if k < checks_from[q + 1] and check_pos[k] == pos:
                     d2 = check_d2[k]
                     k += 1
                     if d2 < pool_d2[pos]:
-                        _move_entry(pool_row, pool_d2, pool_sketch, pos, used)
+                        _copy_entry(pool_row, pool_d2, pool_near, pool_far, pos, used)
                         pool_d2[used] = d2
                         used += 1
                         continue
                 if keep != pos:
-                    _move_entry(pool_row, pool_d2, pool_sketch, pos, keep)
+                    _copy_entry(pool_row, pool_d2, pool_near, pool_far, pos, keep)
                 keep += 1
             moved = scanned_end[q] - keep
             if moved == 0:
                 continue
             # Close the gap: shift the members that stayed up against the part that was not scanned.
-            for q2 in range(keep - 1, lo - 1, -1):
-                _move_entry(pool_row, pool_d2, pool_sketch, q2, q2 + moved)
+            for pos in range(keep - 1, lo - 1, -1):
+                _copy_entry(pool_row, pool_d2, pool_near, pool_far, pos, pos + moved)
             seg_start[j] = lo + moved
             seg_len[j] -= moved
-            _set_radius(j, pool_row, pool_d2, orig, seg_start, seg_len, radius2, far, threshold, tolerance)
+            _set_radius(
+                j, pool_row, pool_d2, orig, seg_start, seg_len, radius2, far, far_pos, threshold, tolerance
+            )
             _tree_update(tree, j, radius2, far)
-        # Sort the new cluster's members, farthest first.
-        _fill_sorted(
-            pool_row[new_start:used].copy(),
-            pool_d2[new_start:used].copy(),
-            pool_sketch[new_start:used].copy(),
-            new_start,
-            pool_row,
-            pool_d2,
-            pool_sketch,
-        )
+        _sort_entries(pool_row, pool_d2, pool_near, pool_far, new_start, used)
         seg_start[t] = new_start
         seg_len[t] = used - new_start
-        _set_radius(t, pool_row, pool_d2, orig, seg_start, seg_len, radius2, far, threshold, tolerance)
+        _set_radius(
+            t, pool_row, pool_d2, orig, seg_start, seg_len, radius2, far, far_pos, threshold, tolerance
+        )
         _tree_update(tree, t, radius2, far)
     return order
-
-
-@numba.njit(cache=True)
-def _fill_sorted(
-    rows: np.ndarray,
-    d2: np.ndarray,
-    sketch: np.ndarray,
-    at: int,
-    pool_row: np.ndarray,
-    pool_d2: np.ndarray,
-    pool_sketch: np.ndarray,
-) -> int:
-    # Write the entries (rows, d2, sketch) into the pool from `at` on, farthest first; return the end.
-    for q, k in enumerate(np.argsort(-d2)):
-        pool_row[at + q] = rows[k]
-        pool_d2[at + q] = d2[k]
-        pool_sketch[at + q] = sketch[k]
-    return at + d2.shape[0]
 
 
 @numba.njit(cache=True)
@@ -407,20 +426,40 @@ def _set_radius(
     seg_len: np.ndarray,
     radius2: np.ndarray,
     far: np.ndarray,
+    far_pos: np.ndarray,
     threshold: np.ndarray,
     tolerance: float,
 ) -> None:
     # Radius and farthest member of cluster j, read from the head of its sorted segment.
     lo = seg_start[j]
-    end = lo + seg_len[j]
     radius2[j] = pool_d2[lo]
     far[j] = orig[pool_row[lo]]
-    pos = lo + 1
-    while pos < end and pool_d2[pos] == radius2[j]:
-        far[j] = min(far[j], orig[pool_row[pos]])
-        pos += 1
-    # A cluster of radius 0 cannot lose points: make its threshold unreachable.
+    far_pos[j] = lo
+    for pos in range(lo + 1, lo + seg_len[j]):
+        if pool_d2[pos] != radius2[j]:
+            break
+        if orig[pool_row[pos]] < far[j]:
+            far[j] = orig[pool_row[pos]]
+            far_pos[j] = pos
+    # A cluster of radius 0 cannot lose points: its threshold is unreachable.
     threshold[j] = 4.0 * radius2[j] * _SKETCH_SLACK + tolerance if radius2[j] > 0.0 else -1.0
+
+
+@numba.njit(cache=True)
+def _sort_entries(
+    pool_row: np.ndarray, pool_d2: np.ndarray, pool_near: np.ndarray, pool_far: np.ndarray, lo: int, hi: int
+) -> None:
+    # Sort pool entries lo .. hi - 1 by squared distance, farthest first.
+    rows = pool_row[lo:hi].copy()
+    d2 = pool_d2[lo:hi].copy()
+    near = pool_near[lo:hi].copy()
+    far = pool_far[lo:hi].copy()
+    for q, k in enumerate(np.argsort(-d2)):
+        pool_row[lo + q] = rows[k]
+        pool_d2[lo + q] = d2[k]
+        for u in range(_HALF):
+            pool_near[lo + q, u] = near[k, u]
+            pool_far[lo + q, u] = far[k, u]
 
 
 @numba.njit(cache=True)
@@ -445,35 +484,33 @@ def _permute_rows(rows: np.ndarray, source: np.ndarray) -> None:
 def _compact(
     points: np.ndarray,
     orig: np.ndarray,
-    row_of: np.ndarray,
     pool_row: np.ndarray,
     pool_d2: np.ndarray,
-    pool_sketch: np.ndarray,
+    pool_near: np.ndarray,
+    pool_far: np.ndarray,
     seg_start: np.ndarray,
     seg_len: np.ndarray,
+    far_pos: np.ndarray,
     n_clusters: int,
 ) -> int:
     # Rewrite the pool as consecutive segments, and move the rows of `points` into the same order so a
     # cluster's members are read as one contiguous block. Returns the pool's new fill level (N).
     n = points.shape[0]
     source = np.empty(n, dtype=np.int64)  # new row -> old row
-    d2 = np.empty(n, dtype=np.float64)
-    sketch = np.empty((n, pool_sketch.shape[1]), dtype=np.float32)
     filled = 0
+    # Segments in pool order: each moves down (or stays), never onto one not yet moved.
     for j in np.argsort(seg_start[:n_clusters]):
         lo = seg_start[j]
+        far_pos[j] += filled - lo
         seg_start[j] = filled
-        for q in range(seg_len[j]):
-            source[filled] = pool_row[lo + q]
-            d2[filled] = pool_d2[lo + q]
-            sketch[filled] = pool_sketch[lo + q]
+        for pos in range(lo, lo + seg_len[j]):
+            if pos != filled:
+                _copy_entry(pool_row, pool_d2, pool_near, pool_far, pos, filled)
+            source[filled] = pool_row[filled]
+            pool_row[filled] = filled
             filled += 1
     _permute_rows(points, source)
     old_orig = orig.copy()
     for r in range(n):
         orig[r] = old_orig[source[r]]
-        row_of[orig[r]] = r
-        pool_row[r] = r
-        pool_d2[r] = d2[r]
-    pool_sketch[:n] = sketch
     return n

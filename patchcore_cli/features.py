@@ -132,8 +132,6 @@ def to_tensor(batch: Sequence[np.ndarray]) -> torch.Tensor:
     return stacked.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-
-
 def embed(
     feature_maps: Sequence[torch.Tensor], dim: int, reduction: str = "avgpool", seed: int = 0
 ) -> torch.Tensor:

@@ -28,11 +28,12 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 
 def fit_table(result: FitResult, out: Path) -> Table:
+    from rich.markup import escape
     from rich.table import Table
 
     bank = result.bank
     cal = bank.calibration
-    table = Table(title=f"Fitted {out}", show_header=False, title_justify="left")
+    table = Table(title=f"Fitted {escape(str(out))}", show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value")
     table.add_row("backbone", f"{bank.config['backbone']} ({'+'.join(bank.config['layers'])})")
@@ -80,6 +81,7 @@ def score_record(result: ScoreResult) -> dict[str, Any]:
 
 
 def score_table(results: Sequence[ScoreResult], threshold: float) -> Table:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"Scores (threshold {threshold:.4f} -> normalised 0.5)", title_justify="left")
@@ -89,10 +91,10 @@ def score_table(results: Sequence[ScoreResult], threshold: float) -> Table:
     table.add_column("verdict")
     for result in results:
         if result.error is not None:
-            table.add_row(str(result.path), "-", "-", f"[yellow]skipped: {result.error}[/]")
+            table.add_row(escape(str(result.path)), "-", "-", f"[yellow]skipped: {escape(result.error)}[/]")
             continue
         verdict = "[bold red]ANOMALOUS[/]" if result.anomalous else "[green]good[/]"
-        table.add_row(str(result.path), fmt(result.score, 4), fmt(result.normalized, 3), verdict)
+        table.add_row(escape(str(result.path)), fmt(result.score, 4), fmt(result.normalized, 3), verdict)
     return table
 
 

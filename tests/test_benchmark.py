@@ -30,7 +30,13 @@ def test_mvtec_runs_present_categories_and_skips_the_rest(mvtec_like, tmp_path):
     result = run("benchmark", "mvtec", "--root", mvtec_like, *TINY_OPTIONS, "--out", tmp_path)
     assert result.exit_code == 0, result.output
     assert "skipping 14 categories not found" in result.stderr
-    for title in ("Image AUROC", "Pixel AUROC", "AUPRO", "Balanced accuracy at the calibrated", "oracle F1-max"):
+    for title in (
+        "Image AUROC",
+        "Pixel AUROC",
+        "AUPRO",
+        "Balanced accuracy at the calibrated",
+        "oracle F1-max",
+    ):
         assert title in result.stdout
     header = next(line for line in result.stdout.splitlines() if "Avg" in line)
     assert header.index("Avg") < header.index("Carpet") < header.index("Bottle") < header.index("Zipper")
@@ -57,9 +63,20 @@ def test_folder_benchmark_with_several_rows(synthetic_root, tmp_path):
     config = tmp_path / "coarse.yaml"
     config.write_text("coreset: 0.3\n")
     result = run(
-        "benchmark", "folder", "--good", washer / "train" / "good", "--defect", washer / "test" / "hole",
-        "--masks", washer / "ground_truth" / "hole", "--name", "washer", *TINY_OPTIONS,
-        "--config", config, "--json",
+        "benchmark",
+        "folder",
+        "--good",
+        washer / "train" / "good",
+        "--defect",
+        washer / "test" / "hole",
+        "--masks",
+        washer / "ground_truth" / "hole",
+        "--name",
+        "washer",
+        *TINY_OPTIONS,
+        "--config",
+        config,
+        "--json",
     )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["results"]

@@ -1,0 +1,234 @@
+"""Greedy coreset (paper §3.2): exact agreement with a plain greedy loop, and the guarantees it gives."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patchcore_cli.coreset import covering_radius, greedy_coreset, random_projection
+
+
+def brute_force_greedy(points: np.ndarray, n_select: int, start: int) -> np.ndarray:
+    """The textbook loop: after each pick, update every point's distance to its nearest pick.
+
+    The next pick is the unpicked point with the largest such distance, the lowest index on ties.
+    """
+    x = points.astype(np.float64)
+    nearest = ((x - x[start]) ** 2).sum(axis=1)
+    picked = np.zeros(len(x), dtype=bool)
+    picked[start] = True
+    order = [start]
+    for _ in range(n_select - 1):
+        i = int(np.argmax(np.where(picked, -np.inf, nearest)))  # argmax returns the first maximum
+        order.append(i)
+        picked[i] = True
+        nearest = np.minimum(nearest, ((x - x[i]) ** 2).sum(axis=1))
+    return np.array(order)
+
+
+def brute_force_radius(points: np.ndarray, selected: np.ndarray) -> float:
+    x = points.astype(np.float64)
+    d2 = ((x[:, None, :] - x[None, selected, :]) ** 2).sum(axis=2)
+    return float(np.sqrt(d2.min(axis=1).max()))
+
+
+def blobs(n_blobs: int, per_blob: int, dim: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tight Gaussian blobs far apart: N x dim float32 points and each point's blob label."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=100.0, size=(n_blobs, dim))
+    labels = np.repeat(np.arange(n_blobs), per_blob)
+    points = centres[labels] + rng.normal(scale=spread, size=(len(labels), dim))
+    return points.astype(np.float32), labels
+
+
+@pytest.mark.parametrize(("n_select", "seed"), [(2, 0), (30, 1), (150, 2), (300, 3)])
+def test_matches_brute_force_without_projection(n_select: int, seed: int) -> None:
+    features = np.random.default_rng(seed).normal(size=(300, 16)).astype(np.float32)
+    start = 17 * seed
+    got = greedy_coreset(features, n_select, start=start)
+    np.testing.assert_array_equal(got, brute_force_greedy(features, n_select, start))
+    assert got.dtype == np.int64
+
+
+@pytest.mark.parametrize("projection_dim", [32, 128])
+def test_matches_brute_force_on_the_projection(projection_dim: int) -> None:
+    features = np.random.default_rng(7).normal(size=(300, 200)).astype(np.float32)
+    projected = random_projection(features, projection_dim, seed=5)
+    assert projected.shape == (300, projection_dim)
+    got = greedy_coreset(features, 120, projection_dim=projection_dim, seed=5, start=9)
+    np.testing.assert_array_equal(got, brute_force_greedy(projected, 120, 9))
+
+
+def test_projection_is_skipped_when_it_would_not_reduce() -> None:
+    features = np.random.default_rng(8).normal(size=(200, 24)).astype(np.float32)
+    expected = brute_force_greedy(features, 50, 3)
+    np.testing.assert_array_equal(greedy_coreset(features, 50, projection_dim=24, start=3), expected)
+    np.testing.assert_array_equal(greedy_coreset(features, 50, projection_dim=None, start=3), expected)
+
+
+def test_projection_roughly_keeps_distances() -> None:
+    features = np.random.default_rng(9).normal(size=(50, 1000))
+    projected = random_projection(features, 256, seed=0)
+    original = np.linalg.norm(features[1:] - features[0], axis=1)
+    kept = np.linalg.norm(projected[1:] - projected[0], axis=1)
+    assert projected.dtype == np.float32
+    assert np.all(np.abs(kept / original - 1.0) < 0.3)
+
+
+def test_matches_brute_force_on_clustered_data_with_many_moves() -> None:
+    # Low-dimensional clusters make the pruning, the sketch bound and the pool compaction all work hard.
+    rng = np.random.default_rng(11)
+    centres = rng.normal(scale=10.0, size=(12, 3))
+    points = centres[rng.integers(12, size=3000)] + rng.normal(size=(3000, 3))
+    features = np.pad(points, ((0, 0), (0, 5))).astype(np.float32)
+    np.testing.assert_array_equal(
+        greedy_coreset(features, 3000, start=5), brute_force_greedy(features, 3000, 5)
+    )
+
+
+def test_ties_go_to_the_lowest_index() -> None:
+    # An integer grid, every point twice: distances tie exactly and often.
+    axis = np.arange(6, dtype=np.float32)
+    grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1).reshape(-1, 3)
+    features = np.concatenate([grid, grid[::-1]])
+    for start in (0, 100, len(features) - 1):
+        got = greedy_coreset(features, len(features), start=start)
+        np.testing.assert_array_equal(got, brute_force_greedy(features, len(features), start))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    values=st.lists(st.integers(-3, 3), min_size=2 * 40, max_size=2 * 40),
+    n_select=st.integers(1, 40),
+    start=st.integers(0, 39),
+)
+def test_matches_brute_force_on_small_integer_data(values: list[int], n_select: int, start: int) -> None:
+    features = np.array(values, dtype=np.float32).reshape(40, 2)
+    np.testing.assert_array_equal(
+        greedy_coreset(features, n_select, start=start), brute_force_greedy(features, n_select, start)
+    )
+
+
+def test_start_point_comes_first() -> None:
+    features = np.random.default_rng(12).normal(size=(100, 8)).astype(np.float32)
+    assert greedy_coreset(features, 10, start=42)[0] == 42
+    default = greedy_coreset(features, 10, seed=3)
+    assert default[0] == np.random.default_rng(3).integers(100)
+    np.testing.assert_array_equal(default, brute_force_greedy(features, 10, int(default[0])))
+
+
+def test_selecting_everything_is_a_permutation() -> None:
+    features = np.random.default_rng(13).normal(size=(257, 5)).astype(np.float32)
+    got = greedy_coreset(features, 257)
+    np.testing.assert_array_equal(np.sort(got), np.arange(257))
+
+
+def test_selecting_one_point_returns_the_start() -> None:
+    features = np.random.default_rng(14).normal(size=(20, 5)).astype(np.float32)
+    np.testing.assert_array_equal(greedy_coreset(features, 1, start=6), [6])
+    np.testing.assert_array_equal(greedy_coreset(features[:1], 1), [0])
+
+
+def test_is_deterministic_for_a_seed() -> None:
+    features = np.random.default_rng(15).normal(size=(500, 300)).astype(np.float32)
+    first = greedy_coreset(features, 50, seed=4)
+    np.testing.assert_array_equal(first, greedy_coreset(features, 50, seed=4))
+    assert any(not np.array_equal(first, greedy_coreset(features, 50, seed=s)) for s in range(5, 8))
+
+
+def test_leaves_the_input_untouched() -> None:
+    # The search reorders its working copy of the points; the caller's array must not move.
+    for dim in (8, 200):
+        features = np.random.default_rng(16).normal(size=(400, dim)).astype(np.float32)
+        before = features.copy()
+        greedy_coreset(features, 200)
+        np.testing.assert_array_equal(features, before)
+
+
+def test_float16_input_equals_its_float32_copy() -> None:
+    features = np.random.default_rng(17).normal(size=(300, 40)).astype(np.float16)
+    np.testing.assert_array_equal(
+        greedy_coreset(features, 60, projection_dim=16, seed=1),
+        greedy_coreset(features.astype(np.float32), 60, projection_dim=16, seed=1),
+    )
+
+
+def test_prefixes_agree_and_the_radius_never_grows() -> None:
+    features = np.random.default_rng(18).normal(size=(400, 6)).astype(np.float32)
+    full = greedy_coreset(features, 100, start=0)
+    for k in (1, 7, 50):
+        np.testing.assert_array_equal(greedy_coreset(features, k, start=0), full[:k])
+    radii = [covering_radius(features, full[:k]) for k in range(1, 101)]
+    assert all(later <= earlier * (1 + 1e-9) for earlier, later in itertools.pairwise(radii))
+    assert radii[-1] < radii[0]
+
+
+def test_greedy_is_within_twice_the_optimal_radius() -> None:
+    features = np.random.default_rng(19).normal(size=(14, 2)).astype(np.float32)
+    optimum = min(covering_radius(features, np.array(s)) for s in itertools.combinations(range(14), 3))
+    for start in range(14):
+        greedy = covering_radius(features, greedy_coreset(features, 3, start=start))
+        assert optimum <= greedy <= 2 * optimum * (1 + 1e-9)
+
+
+def test_picks_one_point_per_blob_first() -> None:
+    features, labels = blobs(n_blobs=5, per_blob=60, dim=10, spread=0.5, seed=20)
+    for start in (0, 123, 299):
+        picked = greedy_coreset(features, 5, start=start)
+        assert sorted(labels[picked]) == [0, 1, 2, 3, 4]
+
+
+def test_duplicates_are_picked_once_each() -> None:
+    base = np.random.default_rng(21).normal(size=(30, 4)).astype(np.float32)
+    features = np.concatenate([base, base, base])  # every point three times
+    got = greedy_coreset(features, 90, start=31)
+    np.testing.assert_array_equal(np.sort(got), np.arange(90))
+    np.testing.assert_array_equal(got, brute_force_greedy(features, 90, 31))
+    # The first 30 picks cover every distinct point; after that only distance-0 ties remain.
+    assert len({i % 30 for i in got[:30]}) == 30
+
+
+def test_identical_points_come_in_index_order_after_the_start() -> None:
+    features = np.ones((10, 3), dtype=np.float32)
+    np.testing.assert_array_equal(greedy_coreset(features, 10, start=4), [4, 0, 1, 2, 3, 5, 6, 7, 8, 9])
+
+
+@pytest.mark.parametrize(
+    ("features", "kwargs", "message"),
+    [
+        (np.zeros((10, 3)), {"n_select": 0}, "n_select"),
+        (np.zeros((10, 3)), {"n_select": 11}, "n_select"),
+        (np.zeros((10, 3)), {"n_select": 2.5}, "n_select"),
+        (np.zeros((10, 3)), {"n_select": True}, "n_select"),
+        (np.zeros(10), {"n_select": 1}, "2-D"),
+        (np.zeros((2, 5, 3)), {"n_select": 1}, "2-D"),
+        (np.zeros((0, 3)), {"n_select": 1}, "non-empty"),
+        (np.array([[0.0, np.nan], [1.0, 2.0]]), {"n_select": 1}, "NaN"),
+        (np.array([[0.0, np.inf], [1.0, 2.0]]), {"n_select": 1}, "infinite"),
+        (np.array([["a", "b"]]), {"n_select": 1}, "numeric"),
+        (np.zeros((10, 3)), {"n_select": 2, "projection_dim": 0}, "projection_dim"),
+        (np.zeros((10, 3)), {"n_select": 2, "start": 10}, "start"),
+        (np.zeros((10, 3)), {"n_select": 2, "start": -1}, "start"),
+    ],
+)
+def test_invalid_arguments_raise_value_error(features: np.ndarray, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        greedy_coreset(features, **kwargs)
+
+
+def test_covering_radius_matches_brute_force() -> None:
+    features = np.random.default_rng(22).normal(size=(500, 12)).astype(np.float32) + 50.0
+    selected = np.array([3, 99, 250, 499])
+    assert covering_radius(features, selected) == pytest.approx(brute_force_radius(features, selected))
+    assert covering_radius(features, np.arange(500)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_covering_radius_rejects_bad_selections() -> None:
+    features = np.zeros((5, 2))
+    for selected in (np.array([], dtype=int), np.array([5]), np.array([-1]), np.array([0.5])):
+        with pytest.raises(ValueError, match="selected"):
+            covering_radius(features, selected)
