@@ -12,6 +12,10 @@ Layout (safetensors): one tensor `memory_bank` (float32, N x D) and these metada
 | n_train_images | number of good images the bank was fitted on |
 | calibration | JSON: threshold and good-image statistics (see calibration.py) |
 | created | UTC creation time, ISO 8601 |
+| members | only in ensemble banks: JSON list, per backbone {config, calibration, weights_sha256} |
+
+An ensemble bank holds one tensor per backbone: `memory_bank` for the first, `memory_bank.1`,
+`memory_bank.2`, ... for the others; `config` and `calibration` then describe the combined model.
 
 Versioning rule: FORMAT_VERSION goes up only when a reader of the old version would misread the new file.
 New optional metadata keys do not change it. A reader refuses files with a newer version.
@@ -27,7 +31,7 @@ import math
 import os
 import struct
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -53,10 +57,21 @@ class Bank:
     n_train_images: int
     tool_version: str = ""
     created: str = ""
+    members: list[Bank] = field(default_factory=list)
+    """Ensemble banks only: one single-backbone bank per member; `memory_bank` is the first one's."""
 
     @property
     def nbytes(self) -> int:
-        return int(self.memory_bank.nbytes)
+        return sum(int(part.memory_bank.nbytes) for part in self.parts)
+
+    @property
+    def rows(self) -> int:
+        return sum(int(part.memory_bank.shape[0]) for part in self.parts)
+
+    @property
+    def parts(self) -> list[Bank]:
+        """The single-backbone banks this bank is made of (itself, unless it is an ensemble)."""
+        return self.members or [self]
 
 
 def save(bank: Bank, path: str | Path) -> None:
@@ -79,7 +94,18 @@ def save(bank: Bank, path: str | Path) -> None:
         "calibration": json.dumps(bank.calibration, sort_keys=True),
         "created": bank.created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    payload = to_bytes({TENSOR_NAME: np.ascontiguousarray(bank.memory_bank, dtype=np.float32)}, metadata)
+    tensors = {TENSOR_NAME: np.ascontiguousarray(bank.memory_bank, dtype=np.float32)}
+    if bank.members:
+        metadata["members"] = json.dumps(
+            [
+                {"config": m.config, "calibration": m.calibration, "weights_sha256": m.weights_sha256}
+                for m in bank.members
+            ],
+            sort_keys=True,
+        )
+        for index, member in enumerate(bank.members[1:], start=1):
+            tensors[f"{TENSOR_NAME}.{index}"] = np.ascontiguousarray(member.memory_bank, dtype=np.float32)
+    payload = to_bytes(tensors, metadata)
     check_destination(path)
     folder = path.parent
     tmp_name = None
@@ -197,7 +223,10 @@ def _json_field(path: Path, meta: dict[str, str], key: str) -> dict[str, Any]:
 
 def _calibration(path: Path, meta: dict[str, str]) -> dict[str, Any]:
     """The calibration record, with the thresholds that scoring needs present and finite."""
-    calibration = _json_field(path, meta, "calibration")
+    return _check_thresholds(path, _json_field(path, meta, "calibration"))
+
+
+def _check_thresholds(path: Path, calibration: dict[str, Any]) -> dict[str, Any]:
     for key in ("image_threshold", "pixel_threshold", "image_std"):
         value = calibration.get(key)
         if key == "image_std" and value is None:  # optional: scoring then normalises with a tiny scale
@@ -205,6 +234,53 @@ def _calibration(path: Path, meta: dict[str, str]) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise BankError(f"{path}: calibration value {key!r} is missing or not a finite number")
     return calibration
+
+
+def _tensor(path: Path, header: dict[str, Any], name: str, length: int, size: int) -> np.ndarray:
+    """Memory-map tensor `name` after checking its header entry against the file."""
+    entry = header.get(name)
+    if not isinstance(entry, dict):
+        raise BankError(f"{path}: no '{name}' tensor")
+    shape, dtype, offsets = entry.get("shape"), entry.get("dtype"), entry.get("data_offsets")
+    if dtype != "F32":
+        raise BankError(f"{path}: '{name}' has dtype {dtype}, expected F32")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(s) is int and s > 0 for s in shape)):
+        raise BankError(f"{path}: '{name}' has shape {shape}, expected [rows, dim]")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise BankError(f"{path}: '{name}' has bad data offsets {offsets}")
+    begin, end = offsets
+    if end - begin != shape[0] * shape[1] * 4 or begin < 0:
+        raise BankError(f"{path}: '{name}' offsets do not match its shape {shape}")
+    if 8 + length + end > size:
+        raise BankError(f"{path}: truncated: data needs {8 + length + end} bytes but the file has {size}")
+    memory_bank = np.memmap(path, dtype="<f4", mode="r", offset=8 + length + begin, shape=tuple(shape))
+    if not np.isfinite(memory_bank).all():
+        raise BankError(f"{path}: the memory bank contains NaN or Inf values")
+    return memory_bank
+
+
+def _members(
+    path: Path, meta: dict[str, str], header: dict[str, Any], length: int, size: int, n_train: int
+) -> list[Bank]:
+    """The per-backbone banks of an ensemble file (empty for a single-backbone bank)."""
+    if "members" not in meta:
+        return []
+    try:
+        records = json.loads(meta["members"])
+    except (json.JSONDecodeError, RecursionError):
+        raise BankError(f"{path}: metadata field 'members' is not valid JSON") from None
+    if not isinstance(records, list) or len(records) < 2 or not all(isinstance(r, dict) for r in records):
+        raise BankError(f"{path}: metadata field 'members' must list at least two backbones")
+    members = []
+    for index, record in enumerate(records):
+        name = TENSOR_NAME if index == 0 else f"{TENSOR_NAME}.{index}"
+        config, calibration = record.get("config"), record.get("calibration")
+        sha = record.get("weights_sha256")
+        if not (isinstance(config, dict) and isinstance(calibration, dict) and isinstance(sha, str)):
+            raise BankError(f"{path}: ensemble member {index} lacks config, calibration or weights_sha256")
+        _check_thresholds(path, calibration)
+        members.append(Bank(_tensor(path, header, name, length, size), config, calibration, sha, n_train))
+    return members
 
 
 def load(path: str | Path) -> Bank:
@@ -216,24 +292,7 @@ def load(path: str | Path) -> Bank:
     path = Path(path)
     header, length, size = read_header(path)
     meta = _metadata(path, header)
-    entry = header.get(TENSOR_NAME)
-    if not isinstance(entry, dict):
-        raise BankError(f"{path}: no '{TENSOR_NAME}' tensor")
-    shape, dtype, offsets = entry.get("shape"), entry.get("dtype"), entry.get("data_offsets")
-    if dtype != "F32":
-        raise BankError(f"{path}: '{TENSOR_NAME}' has dtype {dtype}, expected F32")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(type(s) is int and s > 0 for s in shape)):
-        raise BankError(f"{path}: '{TENSOR_NAME}' has shape {shape}, expected [rows, dim]")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-        raise BankError(f"{path}: '{TENSOR_NAME}' has bad data offsets {offsets}")
-    begin, end = offsets
-    if end - begin != shape[0] * shape[1] * 4 or begin < 0:
-        raise BankError(f"{path}: '{TENSOR_NAME}' offsets do not match its shape {shape}")
-    if 8 + length + end > size:
-        raise BankError(f"{path}: truncated: data needs {8 + length + end} bytes but the file has {size}")
-    memory_bank = np.memmap(path, dtype="<f4", mode="r", offset=8 + length + begin, shape=tuple(shape))
-    if not np.isfinite(memory_bank).all():
-        raise BankError(f"{path}: the memory bank contains NaN or Inf values")
+    memory_bank = _tensor(path, header, TENSOR_NAME, length, size)
     try:
         n_train = int(meta.get("n_train_images", "0"))
     except ValueError:
@@ -246,4 +305,5 @@ def load(path: str | Path) -> Bank:
         n_train_images=n_train,
         tool_version=meta.get("tool_version", ""),
         created=meta.get("created", ""),
+        members=_members(path, meta, header, length, size, n_train),
     )

@@ -155,6 +155,12 @@ CropOpt = Annotated[int | None, typer.Option("--crop", help="Centre-crop size; d
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for coreset and calibration; default 42.")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Images per forward pass; default 8.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch and faiss.")]
+IndexOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--index", help="Nearest-neighbour search: exact (default), faiss (exact), hnsw (approximate)."
+    ),
+]
 PrecisionOpt = Annotated[
     str | None, typer.Option("--precision", help="fp32 (default) or bf16 (channels-last + autocast).")
 ]
@@ -202,6 +208,7 @@ def fit(
     seed: SeedOpt = None,
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,
+    index: IndexOpt = None,
     precision: PrecisionOpt = None,
     config_file: ConfigOpt = None,
     max_pixels: MaxPixelsOpt = None,
@@ -226,6 +233,7 @@ def fit(
         seed=seed,
         batch_size=batch_size,
         threads=threads,
+        index=index,
         precision=precision,
     )
     paths = list_images(inputs)
@@ -277,6 +285,7 @@ def score(
     weights: WeightsOpt = None,
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,
+    index: IndexOpt = None,
     max_pixels: MaxPixelsOpt = None,
 ) -> None:
     """Score images against a bank: raw score, normalised score (threshold = 0.5) and verdict."""
@@ -289,8 +298,10 @@ def score(
         raise typer.BadParameter("choose one of --json and --csv")
     paths = list_images(inputs)
     bank = bank_io.load(bank_path)
-    scorer = Scorer(bank, batch_size=batch_size, threads=threads, weights=weights, bank_path=str(bank_path))
-    _warn_random(scorer.extractor.random_weights)
+    scorer = Scorer(
+        bank, batch_size=batch_size, threads=threads, weights=weights, index=index, bank_path=str(bank_path)
+    )
+    _warn_random(scorer.random_weights)
     for folder in (heatmaps, masks):
         if folder is not None:
             _make_dir(folder)
@@ -405,6 +416,7 @@ def evaluate(
     weights: WeightsOpt = None,
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,
+    index: IndexOpt = None,
     max_pixels: MaxPixelsOpt = None,
 ) -> None:
     """Score a labelled test set with a bank: image/pixel AUROC, AUPRO, thresholded metrics."""
@@ -425,8 +437,10 @@ def evaluate(
     else:
         raise ConfigError("evaluate needs a DATASET folder, or --good DIR and --defect DIR")
     bank = bank_io.load(bank_path)
-    scorer = Scorer(bank, batch_size=batch_size, threads=threads, weights=weights, bank_path=str(bank_path))
-    _warn_random(scorer.extractor.random_weights)
+    scorer = Scorer(
+        bank, batch_size=batch_size, threads=threads, weights=weights, index=index, bank_path=str(bank_path)
+    )
+    _warn_random(scorer.random_weights)
     with RichProgress(enabled=not as_json or err.is_terminal) as progress:
         evaluation = run_evaluate(scorer, split, require, progress, _max_pixels(max_pixels))
     data = {"bank": str(bank_path), **evaluation.as_dict()}
@@ -545,6 +559,7 @@ def benchmark_mvtec(
     crop: CropOpt = None,
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,
+    index: IndexOpt = None,
     precision: PrecisionOpt = None,
     no_pixel_metrics: NoPixelOpt = False,
     out_dir: OutDirOpt = None,
@@ -584,6 +599,7 @@ def benchmark_mvtec(
         crop=crop,
         batch_size=batch_size,
         threads=threads,
+        index=index,
         precision=precision,
     )
     rows = _row_configs(backbone, config_files, overrides)
@@ -621,6 +637,7 @@ def benchmark_folder(
     crop: CropOpt = None,
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,
+    index: IndexOpt = None,
     precision: PrecisionOpt = None,
     no_pixel_metrics: NoPixelOpt = False,
     out_dir: OutDirOpt = None,
@@ -652,6 +669,7 @@ def benchmark_folder(
         crop=crop,
         batch_size=batch_size,
         threads=threads,
+        index=index,
         precision=precision,
     )
     rows = _row_configs(backbone, config_files, overrides)
@@ -674,6 +692,7 @@ def demo(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the generated data.")] = 0,
     weights: WeightsOpt = None,
     threads: ThreadsOpt = None,
+    index: IndexOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate a synthetic inspection dataset and run fit + evaluate + the benchmark tables on it."""
@@ -691,6 +710,6 @@ def demo(
         err.print(f"generating synthetic dataset ({', '.join(CATEGORIES)}) in {data_root}")
         generate_dataset(data_root, seed=seed)
         splits = [mvtec_category(data_root, category) for category in CATEGORIES]
-        config = config_mod.build(backbone=backbone, weights=weights, threads=threads)
+        config = config_mod.build(backbone=backbone, weights=weights, threads=threads, index=index)
         _run_benchmark(splits, [(config.backbone, config)], list(CATEGORIES), True, out_dir, as_json, None)
     err.print(f"demo finished in {time.perf_counter() - began:.1f} s")

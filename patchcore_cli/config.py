@@ -12,6 +12,7 @@ from typing import Any
 from patchcore_cli.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
+INDEXES = ("exact", "faiss", "hnsw")  # see scoring.NearestNeighbours
 MAX_IMAGE_SIZE = 4096  # a bank or config asking for more is refused before any image is resized
 REDUCTIONS = ("avgpool", "random")  # see features.embed
 
@@ -37,9 +38,10 @@ class FitConfig:
     calibration_images: int = 50
     batch_size: int = 8
     threads: int | None = None
+    index: str = "exact"
 
     # Options that change how fast a bank is made, not what it contains.
-    RUNTIME = ("weights", "batch_size", "threads")
+    RUNTIME = ("weights", "batch_size", "threads", "index")
 
     def model_dict(self) -> dict[str, Any]:
         """The fields stored in a bank's `config` metadata."""
@@ -63,7 +65,7 @@ _INT_FIELDS = {
     "threads",
 }
 _FLOAT_FIELDS = {"coreset", "sigma", "threshold_sigma"}
-_STR_FIELDS = {"backbone", "weights", "precision", "reduction"}
+_STR_FIELDS = {"backbone", "weights", "precision", "reduction", "index"}
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -106,6 +108,7 @@ def validate(config: FitConfig, source: str = "config") -> FitConfig:
         (config.projection_dim >= 1, f"projection_dim must be positive, got {config.projection_dim}"),
         (config.num_neighbors >= 1, f"num_neighbors must be at least 1, got {config.num_neighbors}"),
         (config.sigma >= 0, f"sigma must be >= 0, got {config.sigma}"),
+        (config.index in INDEXES, f"index must be one of {', '.join(INDEXES)}, got {config.index!r}"),
         (
             config.precision in PRECISIONS,
             f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}",
@@ -122,17 +125,30 @@ def validate(config: FitConfig, source: str = "config") -> FitConfig:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{source}: {message}")
+    names = [part.strip() for part in config.backbone.split("+")]
     try:
-        spec = backbones.get(config.backbone)
+        specs = [backbones.get(name) for name in names]
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc.message}") from None
-    unknown = [layer for layer in config.layers if layer not in spec.stages]
-    if unknown:
+    for spec in specs:
+        unknown = [layer for layer in config.layers if layer not in spec.stages]
+        if unknown:
+            raise ConfigError(
+                f"{source}: backbone {spec.name} has no stage {', '.join(unknown)}; "
+                f"choose from {', '.join(spec.stages)}"
+            )
+    if len(specs) > 1 and config.weights not in (None, "random"):
         raise ConfigError(
-            f"{source}: backbone {spec.name} has no stage {', '.join(unknown)}; "
-            f"choose from {', '.join(spec.stages)}"
+            f"{source}: --weights FILE fits one backbone, not the ensemble {config.backbone}; "
+            "ensembles use each backbone's packaged or cached weights"
         )
-    return dataclasses.replace(config, backbone=spec.name, layers=tuple(dict.fromkeys(config.layers)))
+    canonical = "+".join(spec.name for spec in specs)
+    return dataclasses.replace(config, backbone=canonical, layers=tuple(dict.fromkeys(config.layers)))
+
+
+def members(config: FitConfig) -> list[FitConfig]:
+    """An ensemble config (`backbone: a+b`) -> one config per backbone (paper §4.4); a plain one -> itself."""
+    return [dataclasses.replace(config, backbone=name) for name in config.backbone.split("+")]
 
 
 def from_mapping(values: Mapping[str, Any], source: str) -> dict[str, Any]:

@@ -25,12 +25,10 @@ import numpy as np
 # the result, only the work.
 _SLACK = 1.0 + 1e-6
 _SKETCH_SLACK = 1.0 + 1e-4
-# The sketch has 32 coordinates, kept as two halves of 16 (one cache line each): the second half is read
-# only for the points the first half does not rule out. (16 also suits LLVM: a width it cannot split into
-# whole vectors, such as 29, makes the bound loop scalar and several times slower.)
-_HALF = 16
-_SKETCH_DIM = 2 * _HALF
-_SKETCH_SAMPLE = 16384  # rows used to estimate the principal axes; any orthonormal basis is a valid bound
+# Sketch width: more coordinates rule out more points, but every scan reads them all. On EfficientNet
+# patch features 32 (two cache lines per point) beat 16, 24 and 48.
+_SKETCH_DIM = 32
+_SKETCH_SAMPLE = 4096  # rows used to estimate the principal axes; any orthonormal basis is a valid bound
 _SCAN_BLOCK = 256  # centers per block in the vectorised center scan
 # Exact distances only need reassociation (vectorised sums) and fused multiply-add; no NaN/inf shortcuts.
 _FASTMATH = {"reassoc", "contract"}
@@ -165,7 +163,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-@numba.njit(cache=True, fastmath=_FASTMATH, inline="always")
+@numba.njit(cache=True, fastmath=_FASTMATH)
 def _sqdist(a: np.ndarray, i: int, b: np.ndarray, j: int) -> float:
     # Squared distance between rows a[i] and b[j]. Rows are indexed, not sliced: a slice costs more than
     # the arithmetic. float32 coordinates, float64 sum: squares are exact, only the summation order rounds.
@@ -176,7 +174,7 @@ def _sqdist(a: np.ndarray, i: int, b: np.ndarray, j: int) -> float:
     return total
 
 
-@numba.njit(cache=True, fastmath=_FASTMATH, inline="always")
+@numba.njit(cache=True, fastmath=_FASTMATH)
 def _sketch_sqdist(a: np.ndarray, i: int, b: np.ndarray, j: int) -> float:
     # The sketch lower bound, in float32. The loop runs to the array's width, a run-time value: LLVM
     # vectorises it, where a constant trip count gets unrolled into scalar code.
@@ -187,21 +185,22 @@ def _sketch_sqdist(a: np.ndarray, i: int, b: np.ndarray, j: int) -> float:
     return total
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True)
+def _copy_row(dst: np.ndarray, i: int, src: np.ndarray, j: int) -> None:
+    # dst[i] = src[j], as a plain loop: slice assignment compiles far more code (seconds of first-call time).
+    for u in range(src.shape[1]):
+        dst[i, u] = src[j, u]
+
+
+@numba.njit(cache=True)
 def _copy_entry(
-    pool_row: np.ndarray,
-    pool_d2: np.ndarray,
-    pool_near: np.ndarray,
-    pool_far: np.ndarray,
-    src: int,
-    dst: int,
+    pool_row: np.ndarray, pool_d2: np.ndarray, pool_sketch: np.ndarray, src: int, dst: int
 ) -> None:
-    # Element by element: assigning a row slice costs several times more than copying the floats.
+    # Element by element: assigning a row slice costs several times more than copying 16 floats.
     pool_row[dst] = pool_row[src]
     pool_d2[dst] = pool_d2[src]
-    for u in range(_HALF):
-        pool_near[dst, u] = pool_near[src, u]
-        pool_far[dst, u] = pool_far[src, u]
+    for u in range(pool_sketch.shape[1]):
+        pool_sketch[dst, u] = pool_sketch[src, u]
 
 
 @numba.njit(cache=True)
@@ -231,22 +230,21 @@ def _tree_update(tree: np.ndarray, leaf: int, radius2: np.ndarray, far: np.ndarr
 def _greedy_kcenter(
     points: np.ndarray, sketch: np.ndarray, tolerance: float, n_select: int, start: int
 ) -> np.ndarray:
-    # points N x d float32, sketch N x _SKETCH_DIM float32 -> n_select int64 indices in greedy order.
+    # points N x d float32, sketch N x s float32 -> n_select int64 indices in greedy order.
     # Reorders the rows of `points` in place (`orig` remembers where each came from).
     n = points.shape[0]
+    # The sketch width, read from the array: were it the constant, LLVM would see it through the
+    # allocations below and unroll the bound loops into scalar code instead of vectorising them.
+    s = sketch.shape[1]
     order = np.empty(n_select, dtype=np.int64)
     is_center = np.zeros(n, dtype=np.bool_)  # by original index
     orig = np.arange(n)  # original index of each row of `points`
     centers = np.empty((n_select, points.shape[1]), dtype=np.float32)
-    # Centers' sketches: the first half transposed, so the scan over all centers runs along j and
-    # vectorises; the second half as rows, to refine the few centers the first half leaves.
-    scan_near = np.empty((_HALF, n_select), dtype=np.float32)
-    center_far = np.empty((n_select, _HALF), dtype=np.float32)
-    new_near = np.empty((1, _HALF), dtype=np.float32)  # the new center's sketch, both halves
-    new_far = np.empty((1, _HALF), dtype=np.float32)
+    # Centers' sketches, transposed: the scan over all centers runs along j and vectorises.
+    center_sketch = np.empty((s, n_select), dtype=np.float32)
+    new_sketch = np.empty((1, s), dtype=np.float32)
     threshold = np.empty(n_select, dtype=np.float32)  # sketch distance^2 from which a cluster is safe
     scan = np.empty(_SCAN_BLOCK, dtype=np.float32)
-    candidate_lb = np.empty(n_select, dtype=np.float32)
 
     # The pool: cluster j's members are entries seg_start[j] .. seg_start[j] + seg_len[j] - 1, farthest
     # first, so a scan stops at the first member too close to move. An entry is the point's row in
@@ -256,8 +254,7 @@ def _greedy_kcenter(
     capacity = 3 * n
     pool_row = np.empty(capacity, dtype=np.int64)
     pool_d2 = np.empty(capacity, dtype=np.float64)
-    pool_near = np.empty((capacity, _HALF), dtype=np.float32)
-    pool_far = np.empty((capacity, _HALF), dtype=np.float32)
+    pool_sketch = np.empty((capacity, s), dtype=np.float32)
     seg_start = np.zeros(n_select, dtype=np.int64)
     seg_len = np.zeros(n_select, dtype=np.int64)
     radius2 = np.zeros(n_select, dtype=np.float64)
@@ -272,25 +269,25 @@ def _greedy_kcenter(
     leaves = 1
     while leaves < n_select:
         leaves *= 2
-    tree = np.full(2 * leaves, -1, dtype=np.int64)
+    tree = np.empty(2 * leaves, dtype=np.int64)
+    for node in range(2 * leaves):
+        tree[node] = -1
 
     order[0] = start
     is_center[start] = True
-    centers[0] = points[start]
+    _copy_row(centers, 0, points, start)
     d2_start = np.empty(n, dtype=np.float64)
     for i in range(n):
         d2_start[i] = _sqdist(points, i, centers, 0)
-    for pos, i in enumerate(np.argsort(-d2_start)):
+    for pos, i in enumerate(_farthest_first(d2_start)):
         pool_row[pos] = i
         pool_d2[pos] = d2_start[i]
-        for u in range(_HALF):
-            pool_near[pos, u] = sketch[i, u]
-            pool_far[pos, u] = sketch[i, _HALF + u]
+        for u in range(s):
+            pool_sketch[pos, u] = sketch[i, u]
     used = n
     seg_len[0] = n
-    for u in range(_HALF):
-        scan_near[u, 0] = sketch[start, u]
-        center_far[0, u] = sketch[start, _HALF + u]
+    for u in range(s):
+        center_sketch[u, 0] = sketch[start, u]
     _set_radius(0, pool_row, pool_d2, orig, seg_start, seg_len, radius2, far, far_pos, threshold, tolerance)
     _tree_update(tree, 0, radius2, far)
 
@@ -309,24 +306,23 @@ def _greedy_kcenter(
         order[t] = c
         is_center[c] = True
         p = far_pos[best]
-        centers[t] = points[pool_row[p]]
-        for u in range(_HALF):
-            new_near[0, u] = pool_near[p, u]
-            new_far[0, u] = pool_far[p, u]
-            scan_near[u, t] = pool_near[p, u]
-            center_far[t, u] = pool_far[p, u]
+        _copy_row(centers, t, points, pool_row[p])
+        for u in range(s):
+            new_sketch[0, u] = pool_sketch[p, u]
+            center_sketch[u, t] = pool_sketch[p, u]
 
         # Clusters that can lose points to c: d(c, center_j) < 2 radius_j. A vectorised pass over the
-        # first sketch half of all centers, then the second half, then the exact distance.
+        # sketches of all centers, then exact distances for the few it leaves, in a loop of their own.
         n_candidates = 0
         for lo in range(0, t, _SCAN_BLOCK):
             hi = min(lo + _SCAN_BLOCK, t)
             # Slices, so the inner index starts at 0 and LLVM vectorises without negative-index gathers.
             block = scan[: hi - lo]
-            block[:] = 0.0
-            for u in range(_HALF):
-                cu = scan_near[u, t]
-                row = scan_near[u, lo:hi]
+            for q in range(hi - lo):
+                block[q] = 0.0
+            for u in range(s):
+                cu = center_sketch[u, t]
+                row = center_sketch[u, lo:hi]
                 for q in range(hi - lo):
                     diff = row[q] - cu
                     block[q] += diff * diff
@@ -334,14 +330,11 @@ def _greedy_kcenter(
             for q in range(hi - lo):
                 if block[q] < limit[q]:
                     touched[n_candidates] = lo + q
-                    candidate_lb[n_candidates] = block[q]
                     n_candidates += 1
         n_touched = 0
         volume = 0
         for q in range(n_candidates):
             j = touched[q]
-            if candidate_lb[q] + _sketch_sqdist(center_far, t, center_far, j) >= threshold[j]:
-                continue
             b2 = _sqdist(centers, t, centers, j)
             if b2 < 4.0 * radius2[j] * _SLACK:
                 touched[n_touched] = j
@@ -350,7 +343,7 @@ def _greedy_kcenter(
                 volume += seg_len[j]
         if used + volume > capacity:
             used = _compact(
-                points, orig, pool_row, pool_d2, pool_near, pool_far, seg_start, seg_len, far_pos, t
+                points, orig, pool_row, pool_d2, pool_sketch, seg_start, seg_len, far_pos, t, used
             )
 
         # Members that can move: d(c, center_j) < 2 d(x, center_j), and the sketch bound below
@@ -363,9 +356,7 @@ def _greedy_kcenter(
             pos = seg_start[j]
             end = pos + seg_len[j]
             while pos < end and pool_d2[pos] > stay_below:
-                limit2 = pool_d2[pos] * _SKETCH_SLACK + tolerance
-                bound = _sketch_sqdist(pool_near, pos, new_near, 0)
-                if bound < limit2 and bound + _sketch_sqdist(pool_far, pos, new_far, 0) < limit2:
+                if _sketch_sqdist(pool_sketch, pos, new_sketch, 0) < pool_d2[pos] * _SKETCH_SLACK + tolerance:
                     check_pos[n_checks] = pos
                     n_checks += 1
                 pos += 1
@@ -387,26 +378,26 @@ def _greedy_kcenter(
                     d2 = check_d2[k]
                     k += 1
                     if d2 < pool_d2[pos]:
-                        _copy_entry(pool_row, pool_d2, pool_near, pool_far, pos, used)
+                        _copy_entry(pool_row, pool_d2, pool_sketch, pos, used)
                         pool_d2[used] = d2
                         used += 1
                         continue
                 if keep != pos:
-                    _copy_entry(pool_row, pool_d2, pool_near, pool_far, pos, keep)
+                    _copy_entry(pool_row, pool_d2, pool_sketch, pos, keep)
                 keep += 1
             moved = scanned_end[q] - keep
             if moved == 0:
                 continue
             # Close the gap: shift the members that stayed up against the part that was not scanned.
             for pos in range(keep - 1, lo - 1, -1):
-                _copy_entry(pool_row, pool_d2, pool_near, pool_far, pos, pos + moved)
+                _copy_entry(pool_row, pool_d2, pool_sketch, pos, pos + moved)
             seg_start[j] = lo + moved
             seg_len[j] -= moved
             _set_radius(
                 j, pool_row, pool_d2, orig, seg_start, seg_len, radius2, far, far_pos, threshold, tolerance
             )
             _tree_update(tree, j, radius2, far)
-        _sort_entries(pool_row, pool_d2, pool_near, pool_far, new_start, used)
+        _sort_entries(pool_row, pool_d2, pool_sketch, new_start, used)
         seg_start[t] = new_start
         seg_len[t] = used - new_start
         _set_radius(
@@ -447,36 +438,60 @@ def _set_radius(
 
 @numba.njit(cache=True)
 def _sort_entries(
-    pool_row: np.ndarray, pool_d2: np.ndarray, pool_near: np.ndarray, pool_far: np.ndarray, lo: int, hi: int
+    pool_row: np.ndarray, pool_d2: np.ndarray, pool_sketch: np.ndarray, lo: int, hi: int
 ) -> None:
     # Sort pool entries lo .. hi - 1 by squared distance, farthest first.
     rows = pool_row[lo:hi].copy()
     d2 = pool_d2[lo:hi].copy()
-    near = pool_near[lo:hi].copy()
-    far = pool_far[lo:hi].copy()
-    for q, k in enumerate(np.argsort(-d2)):
+    sketches = pool_sketch[lo:hi].copy()
+    for q, k in enumerate(_farthest_first(d2)):
         pool_row[lo + q] = rows[k]
         pool_d2[lo + q] = d2[k]
-        for u in range(_HALF):
-            pool_near[lo + q, u] = near[k, u]
-            pool_far[lo + q, u] = far[k, u]
+        for u in range(pool_sketch.shape[1]):
+            pool_sketch[lo + q, u] = sketches[k, u]
+
+
+@numba.njit(cache=True)
+def _farthest_first(d2: np.ndarray) -> np.ndarray:
+    # Indices that sort d2 in decreasing order: a bottom-up merge sort, because np.argsort adds about a
+    # second of compile time to the first call.
+    m = d2.shape[0]
+    order = np.arange(m)
+    merged = np.empty(m, dtype=np.int64)
+    width = 1
+    while width < m:
+        for lo in range(0, m, 2 * width):
+            mid = min(lo + width, m)
+            hi = min(lo + 2 * width, m)
+            a = lo
+            b = mid
+            for k in range(lo, hi):
+                if b >= hi or (a < mid and d2[order[a]] >= d2[order[b]]):
+                    merged[k] = order[a]
+                    a += 1
+                else:
+                    merged[k] = order[b]
+                    b += 1
+        order, merged = merged, order
+        width *= 2
+    return order
 
 
 @numba.njit(cache=True)
 def _permute_rows(rows: np.ndarray, source: np.ndarray) -> None:
     # rows[r] <- rows[source[r]] for every r, in place, cycle by cycle: no second N x d array.
     done = np.zeros(rows.shape[0], dtype=np.bool_)
-    saved = np.empty(rows.shape[1], dtype=rows.dtype)
+    saved = np.empty((1, rows.shape[1]), dtype=rows.dtype)
     for first in range(rows.shape[0]):
         if done[first]:
             continue
-        saved[:] = rows[first]
+        _copy_row(saved, 0, rows, first)
         r = first
         while source[r] != first:
-            rows[r] = rows[source[r]]
+            _copy_row(rows, r, rows, source[r])
             done[r] = True
             r = source[r]
-        rows[r] = saved
+        _copy_row(rows, r, saved, 0)
         done[r] = True
 
 
@@ -486,26 +501,33 @@ def _compact(
     orig: np.ndarray,
     pool_row: np.ndarray,
     pool_d2: np.ndarray,
-    pool_near: np.ndarray,
-    pool_far: np.ndarray,
+    pool_sketch: np.ndarray,
     seg_start: np.ndarray,
     seg_len: np.ndarray,
     far_pos: np.ndarray,
     n_clusters: int,
+    used: int,
 ) -> int:
     # Rewrite the pool as consecutive segments, and move the rows of `points` into the same order so a
     # cluster's members are read as one contiguous block. Returns the pool's new fill level (N).
     n = points.shape[0]
+    owner = np.empty(used, dtype=np.int64)  # the cluster whose segment starts at each pool position
+    for pos in range(used):
+        owner[pos] = -1
+    for j in range(n_clusters):
+        owner[seg_start[j]] = j
     source = np.empty(n, dtype=np.int64)  # new row -> old row
     filled = 0
     # Segments in pool order: each moves down (or stays), never onto one not yet moved.
-    for j in np.argsort(seg_start[:n_clusters]):
-        lo = seg_start[j]
+    for lo in range(used):
+        j = owner[lo]
+        if j < 0:
+            continue
         far_pos[j] += filled - lo
         seg_start[j] = filled
         for pos in range(lo, lo + seg_len[j]):
             if pos != filled:
-                _copy_entry(pool_row, pool_d2, pool_near, pool_far, pos, filled)
+                _copy_entry(pool_row, pool_d2, pool_sketch, pos, filled)
             source[filled] = pool_row[filled]
             pool_row[filled] = filled
             filled += 1

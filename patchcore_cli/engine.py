@@ -159,26 +159,28 @@ class Extractor:
 
 def embed_paths(
     paths: Sequence[Path],
-    extractor: Extractor,
+    extractors: Sequence[Extractor],
     timings: Timings,
     progress: Progress,
     max_pixels: int,
     skip_bad: bool = False,
-) -> Iterator[tuple[list[Decoded], np.ndarray]]:
-    """Yield (decoded images, B x P x D embeddings) batch by batch. Unreadable images raise ImageError,
-    or with `skip_bad` are yielded with an empty embedding slot so the caller can list them."""
+) -> Iterator[tuple[list[Decoded], list[np.ndarray]]]:
+    """Yield (decoded images, [B x P x D embeddings per extractor]) batch by batch; each image is decoded
+    once however many backbones look at it. Unreadable images raise ImageError, or with `skip_bad` are
+    yielded without an embedding row so the caller can list them."""
     batch: list[Decoded] = []
+    config = extractors[0].config
 
-    def flush() -> tuple[list[Decoded], np.ndarray]:
+    def flush() -> tuple[list[Decoded], list[np.ndarray]]:
         good = [item.pixels for item in batch if item.pixels is not None]
-        embeddings = extractor(good, timings) if good else np.empty((0, 0, 0), np.float32)
-        return batch, embeddings
+        empty = np.empty((0, 0, 0), np.float32)
+        return batch, [extractor(good, timings) if good else empty for extractor in extractors]
 
-    for item in decode_stream(paths, extractor.config, max_pixels, timings):
+    for item in decode_stream(paths, config, max_pixels, timings):
         if item.error is not None and not skip_bad:
             raise item.error
         batch.append(item)
-        if sum(entry.pixels is not None for entry in batch) == extractor.config.batch_size:
+        if sum(entry.pixels is not None for entry in batch) == config.batch_size:
             yield flush()
             progress.advance(len(batch))
             batch = []
@@ -196,7 +198,24 @@ class FitResult:
     timings: Timings
     n_images: int
     n_patches: int
+    extractors: list[Extractor]
+
+    @property
+    def extractor(self) -> Extractor:
+        return self.extractors[0]
+
+    @property
+    def random_weights(self) -> bool:
+        return any(extractor.random_weights for extractor in self.extractors)
+
+
+@dataclass
+class _MemberFit:
+    bank: bank_io.Bank
     extractor: Extractor
+    n_patches: int
+    loo_scores: np.ndarray  # C image scores of the calibration images, NaN where one was skipped
+    loo_maps: np.ndarray  # C x crop x crop anomaly maps of the same images
 
 
 def fit(
@@ -205,8 +224,13 @@ def fit(
     progress: Progress | None = None,
     max_pixels: int | None = None,
 ) -> FitResult:
-    """Fit a bank on good images: embed, coreset-subsample (paper Alg. 1), calibrate on good images."""
-    from patchcore_cli.coreset import greedy_coreset
+    """Fit a bank on good images: embed, coreset-subsample (paper Alg. 1), calibrate on good images.
+
+    An ensemble config (`backbone: a+b`, paper §4.4) fits one bank per backbone. Their scores are
+    combined after normalising each by the mean and std of its own leave-one-out scores on good images,
+    and the combined score is calibrated like a single one. Test statistics never enter.
+    """
+    from patchcore_cli.config import members
     from patchcore_cli.data import DEFAULT_MAX_PIXELS
 
     progress = progress or _Silent()
@@ -218,13 +242,44 @@ def fit(
         )
     timings = Timings()
     set_threads(config.threads)
+    limit = max_pixels or DEFAULT_MAX_PIXELS
+    parts = [_fit_member(paths, member, timings, progress, limit) for member in members(config)]
+    if len(parts) == 1:
+        bank = parts[0].bank
+    else:
+        scores = np.mean([(p.loo_scores - _stat(p, "image_mean")) / _stat(p, "image_std") for p in parts], 0)
+        maps = np.mean([(p.loo_maps - _stat(p, "pixel_mean")) / _stat(p, "pixel_std") for p in parts], 0)
+        valid = np.isfinite(scores)
+        bank = bank_io.Bank(
+            memory_bank=parts[0].bank.memory_bank,
+            config={**config.model_dict(), "weights_file": None},
+            calibration=threshold_from_scores(
+                scores[valid], maps[valid].reshape(int(valid.sum()), -1).max(1), config.threshold_sigma
+            ),
+            weights_sha256="+".join(p.bank.weights_sha256 for p in parts),
+            n_train_images=len(paths),
+            members=[p.bank for p in parts],
+        )
+    return FitResult(bank, timings, len(paths), sum(p.n_patches for p in parts), [p.extractor for p in parts])
+
+
+def _stat(part: _MemberFit, key: str) -> float:
+    """A member's good-score statistic; a zero std (identical scores) would divide by zero."""
+    value = float(part.bank.calibration[key])
+    return max(value, 1e-12) if key.endswith("std") else value
+
+
+def _fit_member(
+    paths: Sequence[Path], config: FitConfig, timings: Timings, progress: Progress, max_pixels: int
+) -> _MemberFit:
+    from patchcore_cli.coreset import greedy_coreset
+
     with timings.stage("load backbone"):
         extractor = Extractor(config)
-
     progress.start("features", len(paths))
-    chunks = []
-    for _, embeddings in embed_paths(paths, extractor, timings, progress, max_pixels or DEFAULT_MAX_PIXELS):
-        chunks.append(embeddings)
+    chunks = [
+        embeddings[0] for _, embeddings in embed_paths(paths, [extractor], timings, progress, max_pixels)
+    ]
     per_image = np.concatenate(chunks)  # n x P x D
     n_images, n_patches_per_image, dim = per_image.shape
     flat = per_image.reshape(-1, dim)  # n*P x D
@@ -240,8 +295,13 @@ def fit(
     source_image = (selected // n_patches_per_image).astype(np.int64)
 
     with timings.stage("calibrate"):
-        calibration = calibrate(per_image, memory_bank, source_image, extractor.grid, config, progress)
-
+        scores, maps = leave_one_out(per_image, memory_bank, source_image, extractor.grid, config, progress)
+        valid = np.isfinite(scores)
+        if valid.sum() < 2:
+            raise InputError("fit: too few distinct good images to calibrate a threshold (need at least 2)")
+        calibration = threshold_from_scores(
+            scores[valid], maps[valid].reshape(int(valid.sum()), -1).max(1), config.threshold_sigma
+        )
     bank = bank_io.Bank(
         memory_bank=memory_bank,
         config={
@@ -254,23 +314,22 @@ def fit(
         weights_sha256=extractor.loaded.weights_sha256,
         n_train_images=n_images,
     )
-    return FitResult(bank, timings, n_images, int(flat.shape[0]), extractor)
+    return _MemberFit(bank, extractor, int(flat.shape[0]), scores, maps)
 
 
-def calibrate(
+def leave_one_out(
     per_image: np.ndarray,
     memory_bank: np.ndarray,
     source_image: np.ndarray,
     grid: int,
     config: FitConfig,
     progress: Progress,
-) -> dict[str, Any]:
-    """Threshold and score statistics from good images only, by leaving one image out.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and maps of good training images, each against the bank with its own patches removed.
 
-    For a seeded sample of up to `calibration_images` training images, each image is scored against the
-    bank with its own patches removed, which is how a new good image meets the bank. The image threshold
-    is mean + `threshold_sigma` * std of those scores; the pixel threshold is the same rule applied to
-    the maxima of their anomaly maps. Defect labels never enter.
+    That is how a new good image meets the bank, so these are honest good-image statistics without
+    holding images back from the bank. A seeded sample of up to `calibration_images` images is used.
+    Returns (C scores, C x crop x crop maps); an image that supplied the whole bank gets NaN.
     """
     import torch
 
@@ -280,22 +339,20 @@ def calibrate(
     rng = np.random.default_rng(config.seed)
     chosen = np.sort(rng.permutation(n_images)[: min(n_images, config.calibration_images)])
     progress.start("calibration", len(chosen))
-    image_scores, map_maxima = [], []
-    for index in chosen:
+    scores = np.full(len(chosen), np.nan)
+    maps = np.zeros((len(chosen), config.crop, config.crop), dtype=np.float32)
+    for row, index in enumerate(chosen):
         keep = source_image != index
-        if not keep.any():  # the whole bank came from this image: nothing to leave out against
-            continue
-        search = NearestNeighbours(memory_bank[keep])
-        distances, nearest = search.search(per_image[index], 1)
-        image_scores.append(
-            image_score(per_image[index], distances[:, 0], nearest[:, 0], search, config.num_neighbors)
-        )
-        patch_map = torch.from_numpy(distances[:, 0].reshape(1, grid, grid).astype(np.float32))
-        map_maxima.append(float(anomaly_map(patch_map, config.crop, config.sigma).max()))
+        if keep.any():
+            search = NearestNeighbours(memory_bank[keep], config.index)
+            distances, nearest = search.search(per_image[index], 1)
+            scores[row] = image_score(
+                per_image[index], distances[:, 0], nearest[:, 0], search, config.num_neighbors
+            )
+            patch_map = torch.from_numpy(distances[:, 0].reshape(1, grid, grid).astype(np.float32))
+            maps[row] = anomaly_map(patch_map, config.crop, config.sigma)[0].numpy()
         progress.advance()
-    if len(image_scores) < 2:
-        raise InputError("fit: too few distinct good images to calibrate a threshold (need at least 2)")
-    return threshold_from_scores(np.array(image_scores), np.array(map_maxima), config.threshold_sigma)
+    return scores, maps
 
 
 def threshold_from_scores(image_scores: np.ndarray, map_maxima: np.ndarray, k: float) -> dict[str, Any]:
@@ -353,6 +410,52 @@ def _stored_weights(bank: bank_io.Bank) -> str | None:
     return None
 
 
+def _checked_config(stored: dict[str, Any], bank_path: str, **runtime: Any) -> FitConfig:
+    """A bank file is untrusted input: its config is checked like a config file, and options that only
+    set how a run goes (threads, batch size, weights, index) come from this run, never from the file."""
+    from patchcore_cli.config import from_bank, validate
+
+    kept = {key: value for key, value in stored.items() if key not in FitConfig.RUNTIME}
+    try:
+        model = validate(from_bank(kept), "bank config")
+    except ConfigError as exc:
+        problem = exc.message.removeprefix("bank config: ")
+        raise BankError(f"{bank_path}: unusable config stored in the bank: {problem}") from None
+    return validate(from_bank(model.model_dict(), **runtime), "options")
+
+
+class _Part:
+    """One backbone of a bank, ready to score: its extractor, its search index and its good statistics."""
+
+    def __init__(
+        self, bank: bank_io.Bank, config: FitConfig, extractor: Extractor, bank_path: str, ensemble: bool
+    ):
+        from patchcore_cli.scoring import NearestNeighbours
+
+        if extractor.loaded.weights_sha256 != bank.weights_sha256:
+            raise BankError(
+                f"{bank_path}: was fitted with {config.backbone} weights sha256 {bank.weights_sha256[:12]}, "
+                f"but the weights found now hash to {extractor.loaded.weights_sha256[:12]}; "
+                "pass the same --weights"
+            )
+        if bank.memory_bank.shape[1] != extractor.dim:
+            raise BankError(
+                f"{bank_path}: feature dimension {bank.memory_bank.shape[1]} does not match backbone "
+                f"{config.backbone} with layers {'+'.join(config.layers)} (dim {extractor.dim})"
+            )
+        self.config = config
+        self.extractor = extractor
+        self.search = NearestNeighbours(bank.memory_bank, config.index)
+        cal = bank.calibration
+        # In an ensemble each member's scores are standardised by its own good statistics (§4.4).
+        self.image_shift, self.image_scale = (
+            (cal["image_mean"], max(cal["image_std"], 1e-12)) if ensemble else (0.0, 1.0)
+        )
+        self.pixel_shift, self.pixel_scale = (
+            (cal["pixel_mean"], max(cal["pixel_std"], 1e-12)) if ensemble else (0.0, 1.0)
+        )
+
+
 class Scorer:
     """Scores images against a loaded bank with the configuration the bank was fitted with."""
 
@@ -362,49 +465,41 @@ class Scorer:
         batch_size: int | None = None,
         threads: int | None = None,
         weights: str | None = None,
+        index: str | None = None,
         bank_path: str = "bank",
-        extractor: Extractor | None = None,
+        extractors: Sequence[Extractor] | None = None,
     ) -> None:
-        from patchcore_cli.config import from_bank, validate
-        from patchcore_cli.scoring import NearestNeighbours
-
         self.bank = bank
-        if weights is None:
-            weights = _stored_weights(bank)
-        # A bank file is untrusted input: its config is checked like a config file, and options that only
-        # set how a run goes (threads, batch size, weights) come from this run, never from the file.
-        stored = {key: value for key, value in bank.config.items() if key not in FitConfig.RUNTIME}
-        try:
-            model = validate(from_bank(stored), "bank config")
-        except ConfigError as exc:
-            problem = exc.message.removeprefix("bank config: ")
-            raise BankError(f"{bank_path}: unusable config stored in the bank: {problem}") from None
-        self.config = validate(
-            from_bank(model.model_dict(), batch_size=batch_size, threads=threads, weights=weights), "options"
+        runtime = {"batch_size": batch_size, "threads": threads, "index": index}
+        self.config = _checked_config(
+            bank.config, bank_path, weights=weights or _stored_weights(bank), **runtime
         )
         set_threads(self.config.threads)
         self.timings = Timings()
-        if extractor is None:
-            with self.timings.stage("load backbone"):
-                extractor = Extractor(self.config)
-        self.extractor = extractor
-        if self.extractor.loaded.weights_sha256 != bank.weights_sha256:
-            raise BankError(
-                f"{bank_path}: was fitted with backbone weights sha256 {bank.weights_sha256[:12]}, but the "
-                f"weights found now hash to {self.extractor.loaded.weights_sha256[:12]}; "
-                "pass the same --weights"
+        ensemble = bool(bank.members)
+        self.parts: list[_Part] = []
+        for number, member in enumerate(bank.parts):
+            config = _checked_config(
+                member.config, bank_path, weights=weights or _stored_weights(member), **runtime
             )
-        if bank.memory_bank.shape[1] != self.extractor.dim:
-            raise BankError(
-                f"{bank_path}: feature dimension {bank.memory_bank.shape[1]} does not match backbone "
-                f"{self.config.backbone} with layers {'+'.join(self.config.layers)} "
-                f"(dim {self.extractor.dim})"
-            )
-        with self.timings.stage("index"):
-            self.search = NearestNeighbours(bank.memory_bank)
+            if extractors is not None:
+                extractor = extractors[number]
+            else:
+                with self.timings.stage("load backbone"):
+                    extractor = Extractor(config)
+            with self.timings.stage("index"):
+                self.parts.append(_Part(member, config, extractor, bank_path, ensemble))
         cal = bank.calibration
         self.threshold = float(cal["image_threshold"])
         self.scale = max(float(cal.get("image_std", 0.0)), 1e-6 * abs(self.threshold), 1e-12)
+
+    @property
+    def extractor(self) -> Extractor:
+        return self.parts[0].extractor
+
+    @property
+    def random_weights(self) -> bool:
+        return any(part.extractor.random_weights for part in self.parts)
 
     def normalize(self, score: float) -> float:
         """Raw score -> (0, 1): a logistic in good-score std units, the calibrated threshold at 0.5."""
@@ -426,38 +521,41 @@ class Scorer:
         progress = progress or _Silent()
         progress.start("scoring", len(paths))
         results: list[ScoreResult] = []
-        stream = embed_paths(
-            paths, self.extractor, self.timings, progress, max_pixels or DEFAULT_MAX_PIXELS, skip_bad
-        )
-        for decoded, embeddings in stream:
+        extractors = [part.extractor for part in self.parts]
+        limit = max_pixels or DEFAULT_MAX_PIXELS
+        for decoded, embeddings in embed_paths(paths, extractors, self.timings, progress, limit, skip_bad):
             row = 0
             for item in decoded:
                 if item.error is not None:
                     result = ScoreResult(item.path, error=item.error.problem)
                 else:
-                    result = self._score_one(item, embeddings[row], keep_maps)
+                    result = self._score_one(item, [member[row] for member in embeddings], keep_maps)
                     row += 1
                 results.append(result)
                 if on_result is not None:
                     on_result(result)
         return results
 
-    def _score_one(self, item: Decoded, patches: np.ndarray, keep_maps: bool) -> ScoreResult:
+    def _score_one(self, item: Decoded, patches: list[np.ndarray], keep_maps: bool) -> ScoreResult:
         import torch
 
         from patchcore_cli.scoring import anomaly_map, image_score
 
-        with self.timings.stage("nearest-neighbour search"):
-            distances, nearest = self.search.search(patches, 1)
-            score = image_score(
-                patches, distances[:, 0], nearest[:, 0], self.search, self.config.num_neighbors
-            )
-        amap = None
-        if keep_maps:
-            with self.timings.stage("map upsample + blur"):
-                grid = self.extractor.grid
-                patch_map = torch.from_numpy(distances[:, 0].reshape(1, grid, grid).astype(np.float32))
-                amap = anomaly_map(patch_map, self.config.crop, self.config.sigma)[0].numpy()
+        score, amap = 0.0, None
+        for part, part_patches in zip(self.parts, patches, strict=True):
+            with self.timings.stage("nearest-neighbour search"):
+                distances, nearest = part.search.search(part_patches, 1)
+                raw = image_score(
+                    part_patches, distances[:, 0], nearest[:, 0], part.search, part.config.num_neighbors
+                )
+            score += (raw - part.image_shift) / part.image_scale / len(self.parts)
+            if keep_maps:
+                with self.timings.stage("map upsample + blur"):
+                    grid = part.extractor.grid
+                    patch_map = torch.from_numpy(distances[:, 0].reshape(1, grid, grid).astype(np.float32))
+                    part_map = anomaly_map(patch_map, self.config.crop, self.config.sigma)[0].numpy()
+                    part_map = (part_map - part.pixel_shift) / part.pixel_scale / len(self.parts)
+                    amap = part_map if amap is None else amap + part_map
         return ScoreResult(
             path=item.path,
             score=score,

@@ -167,7 +167,9 @@ def benchmark(
     for label, config in configs:
         for split in splits:
             fitted = fit(split.train, config, progress=progress, max_pixels=max_pixels)
-            scorer = Scorer(fitted.bank, extractor=fitted.extractor)
+            scorer = Scorer(
+                fitted.bank, batch_size=config.batch_size, index=config.index, extractors=fitted.extractors
+            )
             evaluation = evaluate(scorer, split, pixel_metrics, progress, max_pixels)
             seconds = dict(fitted.timings.seconds)
             row = BenchmarkRow(
@@ -175,7 +177,7 @@ def benchmark(
                 dataset=split.name,
                 evaluation=evaluation,
                 fit_seconds=seconds,
-                bank_rows=int(fitted.bank.memory_bank.shape[0]),
+                bank_rows=fitted.bank.rows,
                 bank_mb=fitted.bank.nbytes / 1e6,
                 peak_rss_mb=peak_rss_mb(),
                 n_train=fitted.n_images,

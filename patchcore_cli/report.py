@@ -40,7 +40,9 @@ def fit_table(result: FitResult, out: Path) -> Table:
     table.add_row("images", str(result.n_images))
     table.add_row("patches", f"{result.n_patches:,}")
     table.add_row(
-        "bank", f"{bank.memory_bank.shape[0]:,} x {bank.memory_bank.shape[1]} ({bank.nbytes / 1e6:.1f} MB)"
+        "bank",
+        " + ".join(f"{p.memory_bank.shape[0]:,} x {p.memory_bank.shape[1]}" for p in bank.parts)
+        + f" ({bank.nbytes / 1e6:.1f} MB)",
     )
     for stage, seconds in result.timings.seconds.items():
         table.add_row(f"time: {stage}", f"{seconds:.2f} s")
@@ -59,13 +61,13 @@ def fit_json(result: FitResult, out: Path) -> dict[str, Any]:
         "bank": str(out),
         "images": result.n_images,
         "patches": result.n_patches,
-        "bank_rows": int(bank.memory_bank.shape[0]),
+        "bank_rows": bank.rows,
         "bank_dim": int(bank.memory_bank.shape[1]),
         "bank_mb": round(bank.nbytes / 1e6, 3),
         "timings_s": {k: round(v, 4) for k, v in result.timings.seconds.items()},
         "calibration": bank.calibration,
         "config": bank.config,
-        "random_weights": result.extractor.random_weights,
+        "random_weights": result.random_weights,
     }
 
 

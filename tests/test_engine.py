@@ -84,3 +84,32 @@ def test_mask_follows_the_image_transform():
     left, top, right, bottom = geometry.box
     assert (right - left) == pytest.approx(75.0) and (bottom - top) == pytest.approx(75.0)
     assert left == pytest.approx(62.5) and top == pytest.approx(12.5)
+
+
+def test_ensemble_bank_round_trips_and_scores(washer, tmp_path):
+    from patchcore_cli import bank as bank_io
+
+    config = config_mod.build(**{**TINY_CONFIG, "backbone": "resnet18+efficientnet_lite0"})
+    fitted = fit(list_images([washer / "train" / "good"]), config)
+    assert [m.config["backbone"] for m in fitted.bank.members] == ["resnet18", "efficientnet_lite0"]
+    assert fitted.bank.rows == sum(m.memory_bank.shape[0] for m in fitted.bank.members)
+    path = tmp_path / "ensemble.st"
+    bank_io.save(fitted.bank, path)
+    loaded = bank_io.load(path)
+    for saved, original in zip(loaded.members, fitted.bank.members, strict=True):
+        np.testing.assert_array_equal(np.asarray(saved.memory_bank), original.memory_bank)
+        assert saved.calibration == original.calibration
+    paths = list_images([washer / "test"])
+    direct = Scorer(fitted.bank, extractors=fitted.extractors).score_paths(paths, keep_maps=True)
+    reloaded = Scorer(loaded).score_paths(paths, keep_maps=True)
+    np.testing.assert_allclose([r.score for r in direct], [r.score for r in reloaded], rtol=1e-5)
+    # Combined scores are in good-std units: the calibration images average about zero.
+    assert abs(fitted.bank.calibration["image_mean"]) < 1e-6
+    assert direct[0].anomaly_map.shape == (64, 64)
+
+
+def test_ensemble_refuses_a_single_weights_file(tmp_path):
+    from patchcore_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fits one backbone"):
+        config_mod.build(backbone="resnet18+resnet50", weights=str(tmp_path / "w.pth"))

@@ -485,7 +485,7 @@ BANKS = [
         "weights-hash-mismatch",
         _resaved(lambda b: setattr(b, "weights_sha256", "0" * 64)),
         ["--weights", "random"],
-        ["fitted with backbone weights sha256 000000000000"],
+        ["weights sha256 000000000000"],
     ),
 ]
 
@@ -588,7 +588,7 @@ def _raiser(exc: BaseException) -> Callable[..., object]:
 INTERRUPTS = [
     ("in-features", "patchcore_cli.features.embed"),
     ("in-coreset", "patchcore_cli.coreset.greedy_coreset"),
-    ("in-calibration", "patchcore_cli.engine.calibrate"),
+    ("in-calibration", "patchcore_cli.engine.leave_one_out"),
     ("in-bank-write", "os.replace"),
 ]
 

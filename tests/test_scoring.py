@@ -48,3 +48,24 @@ def test_anomaly_map_keeps_the_peak_where_the_patch_is():
     amap = anomaly_map(scores, 224, sigma=4.0)[0]
     row, col = np.unravel_index(int(torch.argmax(amap)), amap.shape)
     assert abs(row - (20 + 0.5) * 8) <= 4 and abs(col - (5 + 0.5) * 8) <= 4
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_blocked_exact_search_equals_faiss(monkeypatch, k):
+    rng = np.random.default_rng(1)
+    bank, queries = rng.normal(size=(300, 20)).astype(np.float32), rng.normal(size=(40, 20)).astype(np.float32)
+    monkeypatch.setattr(NearestNeighbours, "BLOCK", 64)  # several blocks, and a ragged last one
+    ours, theirs = NearestNeighbours(bank, "exact"), NearestNeighbours(bank, "faiss")
+    (d1, i1), (d2, i2) = ours.search(queries, k), theirs.search(queries, k)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(d1, d2, rtol=1e-5)
+
+
+def test_hnsw_finds_most_true_neighbours():
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(20, 16)) * 5
+    bank = (centres[rng.integers(0, 20, 2000)] + rng.normal(size=(2000, 16))).astype(np.float32)
+    queries = (centres[rng.integers(0, 20, 200)] + rng.normal(size=(200, 16))).astype(np.float32)
+    exact = NearestNeighbours(bank, "exact").search(queries)[1]
+    approx = NearestNeighbours(bank, "hnsw").search(queries)[1]
+    assert (exact == approx).mean() > 0.9
