@@ -164,6 +164,10 @@ IndexOpt = Annotated[
 PrecisionOpt = Annotated[
     str | None, typer.Option("--precision", help="fp32 (default) or bf16 (channels-last + autocast).")
 ]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option("--preset", help="fast or accurate: a measured bundle of options (see README)."),
+]
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="YAML file of options; command-line options override it.")
 ]
@@ -210,6 +214,7 @@ def fit(
     threads: ThreadsOpt = None,
     index: IndexOpt = None,
     precision: PrecisionOpt = None,
+    preset: PresetOpt = None,
     config_file: ConfigOpt = None,
     max_pixels: MaxPixelsOpt = None,
     as_json: JsonOpt = False,
@@ -222,6 +227,7 @@ def fit(
 
     config = config_mod.build(
         config_file,
+        preset=preset,
         backbone=backbone,
         weights=weights,
         layers=layers,
@@ -472,6 +478,9 @@ MultiBackboneOpt = Annotated[
         "--backbone", "-b", help="Backbone for one row; repeat for several rows. Default wide_resnet50_2."
     ),
 ]
+MultiPresetOpt = Annotated[
+    list[str] | None, typer.Option("--preset", help="fast or accurate; repeat for one row per preset.")
+]
 MultiConfigOpt = Annotated[
     list[Path] | None, typer.Option("--config", help="YAML config for one row variant; repeat for several.")
 ]
@@ -479,16 +488,22 @@ ProfileOpt = Annotated[bool, typer.Option("--profile", help="Print a per-stage t
 
 
 def _row_configs(
-    backbones: list[str] | None, configs: list[Path] | None, overrides: dict[str, Any]
+    backbones: list[str] | None,
+    configs: list[Path] | None,
+    overrides: dict[str, Any],
+    presets: list[str] | None = None,
 ) -> list[tuple[str, Any]]:
+    """One benchmark row per preset x config file x backbone given (each defaulting to 'none given')."""
     from patchcore_cli import config as config_mod
 
     rows = []
-    for config_file in configs or [None]:
-        for backbone in backbones or [None]:
-            built = config_mod.build(config_file, **{**overrides, "backbone": backbone})
-            label = built.backbone if config_file is None else f"{built.backbone} [{config_file.stem}]"
-            rows.append((label, built))
+    for preset in presets or [None]:
+        for config_file in configs or [None]:
+            for backbone in backbones or [None]:
+                built = config_mod.build(config_file, preset=preset, **{**overrides, "backbone": backbone})
+                tags = [t for t in (preset, config_file.stem if config_file else None) if t]
+                label = built.backbone + (f" [{', '.join(tags)}]" if tags else "")
+                rows.append((label, built))
     return rows
 
 
@@ -550,6 +565,7 @@ def benchmark_mvtec(
     ] = None,
     seed: SeedOpt = None,
     config_files: MultiConfigOpt = None,
+    presets: MultiPresetOpt = None,
     weights: WeightsOpt = None,
     layers: LayersOpt = None,
     coreset: CoresetOpt = None,
@@ -602,7 +618,7 @@ def benchmark_mvtec(
         index=index,
         precision=precision,
     )
-    rows = _row_configs(backbone, config_files, overrides)
+    rows = _row_configs(backbone, config_files, overrides, presets)
     _run_benchmark(
         splits, rows, list(MVTEC_CATEGORIES), not no_pixel_metrics, out_dir, as_json, max_pixels, profile
     )
@@ -628,6 +644,7 @@ def benchmark_folder(
     backbone: MultiBackboneOpt = None,
     seed: SeedOpt = None,
     config_files: MultiConfigOpt = None,
+    presets: MultiPresetOpt = None,
     weights: WeightsOpt = None,
     layers: LayersOpt = None,
     coreset: CoresetOpt = None,
@@ -672,7 +689,7 @@ def benchmark_folder(
         index=index,
         precision=precision,
     )
-    rows = _row_configs(backbone, config_files, overrides)
+    rows = _row_configs(backbone, config_files, overrides, presets)
     _run_benchmark([split], rows, [name], not no_pixel_metrics, out_dir, as_json, max_pixels, profile)
 
 

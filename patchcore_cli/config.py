@@ -13,6 +13,11 @@ from patchcore_cli.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
 INDEXES = ("exact", "faiss", "hnsw")  # see scoring.NearestNeighbours
+# Bundles of options chosen from measurements (README, "Benchmark results"). CLI and YAML override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {"backbone": "efficientnet_lite0", "coreset": 0.01},
+    "accurate": {"backbone": "efficientnet_lite0+efficientnet_lite2"},
+}
 MAX_IMAGE_SIZE = 4096  # a bank or config asking for more is refused before any image is resized
 REDUCTIONS = ("avgpool", "random")  # see features.embed
 
@@ -108,6 +113,10 @@ def validate(config: FitConfig, source: str = "config") -> FitConfig:
         (config.projection_dim >= 1, f"projection_dim must be positive, got {config.projection_dim}"),
         (config.num_neighbors >= 1, f"num_neighbors must be at least 1, got {config.num_neighbors}"),
         (config.sigma >= 0, f"sigma must be >= 0, got {config.sigma}"),
+        (
+            config.reduction in REDUCTIONS,
+            f"reduction must be one of {', '.join(REDUCTIONS)}, got {config.reduction!r}",
+        ),
         (config.index in INDEXES, f"index must be one of {', '.join(INDEXES)}, got {config.index!r}"),
         (
             config.precision in PRECISIONS,
@@ -184,14 +193,29 @@ def load_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: config must be a mapping of option names to values")
-    return from_mapping(data, str(path))
+    preset = data.pop("preset", None)
+    values = from_mapping(data, str(path))
+    if preset is not None:
+        if not isinstance(preset, str):
+            raise ConfigError(f"{path}: 'preset' must be a string, got {preset!r}")
+        values["preset"] = preset
+    return values
 
 
-def build(config_file: Path | None = None, **overrides: Any) -> FitConfig:
-    """Defaults <- YAML file <- command-line overrides (None means "not given")."""
+def build(config_file: Path | None = None, preset: str | None = None, **overrides: Any) -> FitConfig:
+    """Defaults <- preset <- YAML file <- command-line overrides (None means "not given").
+
+    A preset named on the command line wins over one named in the YAML file (`preset: fast`).
+    """
+    file_values = load_yaml(config_file) if config_file is not None else {}
+    file_preset = file_values.pop("preset", None)
+    chosen = preset or file_preset
     values: dict[str, Any] = {}
-    if config_file is not None:
-        values.update(load_yaml(config_file))
+    if chosen is not None:
+        if chosen not in PRESETS:
+            raise ConfigError(f"unknown preset {chosen!r}; choose one of: {', '.join(PRESETS)}")
+        values.update(PRESETS[chosen])
+    values.update(file_values)
     values.update(from_mapping({k: v for k, v in overrides.items() if v is not None}, "command line"))
     source = str(config_file) if config_file is not None else "options"
     return validate(FitConfig(**values), source)

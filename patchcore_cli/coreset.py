@@ -9,10 +9,14 @@ The naive loop updates every point's nearest-selected distance after each pick, 
 k times. We run the same algorithm with Gonzalez's clusters: each point remembers the selected point it is
 closest to, each selected point keeps its members, its radius and its farthest member. A new center c can
 only take points from a cluster j when d(c, center_j) < 2 * radius_j, and a member x only when
-d(c, center_j) < 2 * d(x, center_j) (triangle inequality). Both tests are first made on a 16-dimensional
-PCA "sketch" of the points, whose distances never exceed the true ones, so most clusters and most points
-cost a few floats, not d'. Members of a cluster are kept contiguous in memory. The result is the exact
-greedy order, ties to the lowest index, as the naive loop gives.
+d(c, center_j) < 2 * d(x, center_j) (triangle inequality). Before any exact distance, a 32-dimensional
+PCA "sketch" of the points, whose distances never exceed the true ones, rules out most of the rest. The
+members of a cluster sit together in memory, farthest first. The result is the exact greedy order, ties to
+the lowest index, as the naive loop gives; only the work changes.
+
+Speed depends on the data: patch features, which lie near a low-dimensional surface, prune well (the
+PatchCore-10% subset of 164,000 EfficientNet patches takes a few seconds); points spread evenly in many
+dimensions, such as pure Gaussian noise, prune little and cost about as much as the naive loop.
 """
 
 from __future__ import annotations
@@ -141,7 +145,7 @@ def _sketch(points: np.ndarray) -> tuple[np.ndarray, float]:
     Distances between sketches never exceed the true distances (an orthonormal basis, cut short), so they
     can rule points out. The axes are estimated on a strided sample: a poor estimate only weakens the bound.
     The tolerance absorbs the float32 rounding of the sketch (relative 2^-24 of a coordinate, at most the
-    largest distance to the mean, B): with s = 16 the error is below 1e-9 B^2, we allow 1e-6 B^2.
+    largest distance to the mean, B): with 32 coordinates the error is below 1e-8 B^2, we allow 1e-6 B^2.
     """
     n, d = points.shape
     sample = points[:: max(1, n // _SKETCH_SAMPLE)].astype(np.float64)
@@ -196,7 +200,7 @@ def _copy_row(dst: np.ndarray, i: int, src: np.ndarray, j: int) -> None:
 def _copy_entry(
     pool_row: np.ndarray, pool_d2: np.ndarray, pool_sketch: np.ndarray, src: int, dst: int
 ) -> None:
-    # Element by element: assigning a row slice costs several times more than copying 16 floats.
+    # Element by element: assigning a row slice costs several times more than copying 32 floats.
     pool_row[dst] = pool_row[src]
     pool_d2[dst] = pool_d2[src]
     for u in range(pool_sketch.shape[1]):

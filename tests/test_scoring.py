@@ -53,7 +53,10 @@ def test_anomaly_map_keeps_the_peak_where_the_patch_is():
 @pytest.mark.parametrize("k", [1, 4])
 def test_blocked_exact_search_equals_faiss(monkeypatch, k):
     rng = np.random.default_rng(1)
-    bank, queries = rng.normal(size=(300, 20)).astype(np.float32), rng.normal(size=(40, 20)).astype(np.float32)
+    bank, queries = (
+        rng.normal(size=(300, 20)).astype(np.float32),
+        rng.normal(size=(40, 20)).astype(np.float32),
+    )
     monkeypatch.setattr(NearestNeighbours, "BLOCK", 64)  # several blocks, and a ragged last one
     ours, theirs = NearestNeighbours(bank, "exact"), NearestNeighbours(bank, "faiss")
     (d1, i1), (d2, i2) = ours.search(queries, k), theirs.search(queries, k)

@@ -1,0 +1,57 @@
+"""Config precedence: defaults <- preset <- YAML <- command line; ensembles split per backbone."""
+
+from __future__ import annotations
+
+import pytest
+
+from patchcore_cli import config as config_mod
+from patchcore_cli.errors import ConfigError
+
+
+def test_defaults_follow_the_paper():
+    config = config_mod.build()
+    assert (config.image_size, config.crop, config.coreset, config.num_neighbors, config.sigma) == (
+        256,
+        224,
+        0.1,
+        9,
+        4.0,
+    )
+    assert config.layers == ("layer2", "layer3") and config.backbone == "wide_resnet50_2"
+
+
+def test_preset_then_yaml_then_command_line(tmp_path):
+    assert config_mod.build(preset="fast").coreset == 0.01
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("preset: fast\ncoreset: 0.05\n")
+    assert config_mod.build(yaml_file).coreset == 0.05
+    assert config_mod.build(yaml_file).backbone == "efficientnet_lite0"
+    assert config_mod.build(yaml_file, coreset=0.2).coreset == 0.2
+    assert config_mod.build(yaml_file, preset="accurate").backbone == "efficientnet_lite0+efficientnet_lite2"
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'quick'"):
+        config_mod.build(preset="quick")
+
+
+def test_ensemble_members_share_everything_but_the_backbone():
+    config = config_mod.build(backbone="efficientnet_lite0+wide_resnet50", coreset=0.05)
+    assert config.backbone == "efficientnet_lite0+wide_resnet50_2"
+    first, second = config_mod.members(config)
+    assert (first.backbone, second.backbone) == ("efficientnet_lite0", "wide_resnet50_2")
+    assert first.coreset == second.coreset == 0.05
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"reduction": "pca"}, "reduction must be one of"),
+        ({"index": "annoy"}, "index must be one of"),
+        ({"image_size": 10000}, "image_size must be between 32 and 4096"),
+        ({"layers": "layer9"}, "has no stage layer9"),
+    ],
+)
+def test_invalid_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config_mod.build(**overrides)
