@@ -32,8 +32,14 @@ _SKETCH_SLACK = 1.0 + 1e-4
 # Sketch width: more coordinates rule out more points, but every scan reads them all. On EfficientNet
 # patch features 32 (two cache lines per point) beat 16, 24 and 48.
 _SKETCH_DIM = 32
+_SKETCH_MAX_SQUARE = 1e30  # float32 sums of 32 squares of sketch coordinates must stay finite
 _SKETCH_SAMPLE = 4096  # rows used to estimate the principal axes; any orthonormal basis is a valid bound
 _SCAN_BLOCK = 256  # centers per block in the vectorised center scan
+# Where pruning fails (points spread evenly in many dimensions), the plain loop, which streams every row
+# once per pick, is cheaper. Every _WINDOW picks the pruned work is compared with _WINDOW such passes, in
+# row-reads: a pool entry costs about one, an exact distance at a scattered row about _EXACT_COST.
+_WINDOW = 64
+_EXACT_COST = 4
 # Exact distances only need reassociation (vectorised sums) and fused multiply-add; no NaN/inf shortcuts.
 _FASTMATH = {"reassoc", "contract"}
 _CHUNK_ROWS = 16384
@@ -84,7 +90,7 @@ def greedy_coreset(
     else:
         points = np.array(features, dtype=np.float32, order="C")  # a copy: the search reorders its rows
     if not np.isfinite(points).all():
-        raise ValueError("features are too large to project: the projection overflows float32")
+        raise ValueError("features are too large: converting or projecting them to float32 overflows")
     sketch, tolerance = _sketch(points)
     return _greedy_kcenter(points, sketch, tolerance, int(n_select), int(start))
 
@@ -146,6 +152,7 @@ def _sketch(points: np.ndarray) -> tuple[np.ndarray, float]:
     can rule points out. The axes are estimated on a strided sample: a poor estimate only weakens the bound.
     The tolerance absorbs the float32 rounding of the sketch (relative 2^-24 of a coordinate, at most the
     largest distance to the mean, B): with 32 coordinates the error is below 1e-8 B^2, we allow 1e-6 B^2.
+    At scales where float32 squares could overflow the sketch is all zeros: it then rules nothing out.
     """
     n, d = points.shape
     sample = points[:: max(1, n // _SKETCH_SAMPLE)].astype(np.float64)
@@ -158,8 +165,11 @@ def _sketch(points: np.ndarray) -> tuple[np.ndarray, float]:
     largest = 0.0
     for lo in range(0, n, _CHUNK_ROWS):
         rows = points[lo : lo + _CHUNK_ROWS].astype(np.float64) - mean
-        sketch[lo : lo + _CHUNK_ROWS, : basis.shape[1]] = rows @ basis
         largest = max(largest, float(np.einsum("ij,ij->i", rows, rows).max()))
+        if largest <= _SKETCH_MAX_SQUARE:
+            sketch[lo : lo + _CHUNK_ROWS, : basis.shape[1]] = rows @ basis
+    if largest > _SKETCH_MAX_SQUARE:
+        sketch[:] = 0.0
     return sketch, 1e-6 * largest
 
 
@@ -247,7 +257,7 @@ def _greedy_kcenter(
     # Centers' sketches, transposed: the scan over all centers runs along j and vectorises.
     center_sketch = np.empty((s, n_select), dtype=np.float32)
     new_sketch = np.empty((1, s), dtype=np.float32)
-    threshold = np.empty(n_select, dtype=np.float32)  # sketch distance^2 from which a cluster is safe
+    threshold = np.empty(n_select, dtype=np.float64)  # sketch distance^2 from which a cluster is safe
     scan = np.empty(_SCAN_BLOCK, dtype=np.float32)
 
     # The pool: cluster j's members are entries seg_start[j] .. seg_start[j] + seg_len[j] - 1, farthest
@@ -295,16 +305,11 @@ def _greedy_kcenter(
     _set_radius(0, pool_row, pool_d2, orig, seg_start, seg_len, radius2, far, far_pos, threshold, tolerance)
     _tree_update(tree, 0, radius2, far)
 
+    work = 0
     for t in range(1, n_select):
         best = tree[1]
         if radius2[best] <= 0.0:
-            # Every remaining point duplicates a selected one: all distances are 0, so ties decide.
-            i = 0
-            for q in range(t, n_select):
-                while is_center[i]:
-                    i += 1
-                order[q] = i
-                is_center[i] = True
+            _fill_ties(order, is_center, t)
             break
         c = far[best]
         order[t] = c
@@ -365,7 +370,9 @@ def _greedy_kcenter(
                     n_checks += 1
                 pos += 1
             scanned_end[q] = pos
+            work += pos - seg_start[j]
         checks_from[n_touched] = n_checks
+        work += _EXACT_COST * n_checks
         for q in range(n_checks):
             check_d2[q] = _sqdist(points, pool_row[check_pos[q]], centers, t)
 
@@ -408,7 +415,62 @@ def _greedy_kcenter(
             t, pool_row, pool_d2, orig, seg_start, seg_len, radius2, far, far_pos, threshold, tolerance
         )
         _tree_update(tree, t, radius2, far)
+        if t % _WINDOW == 0:
+            if work > _WINDOW * n:
+                nearest = np.empty(n, dtype=np.float64)
+                for j in range(t + 1):
+                    for pos in range(seg_start[j], seg_start[j] + seg_len[j]):
+                        nearest[pool_row[pos]] = pool_d2[pos]
+                _plain_greedy(points, orig, nearest, centers, order, is_center, t + 1)
+                break
+            work = 0
     return order
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def _plain_greedy(
+    points: np.ndarray,
+    orig: np.ndarray,
+    nearest: np.ndarray,
+    centers: np.ndarray,
+    order: np.ndarray,
+    is_center: np.ndarray,
+    first: int,
+) -> None:
+    # The textbook loop for picks first.. : each pick updates every row's squared distance to its nearest
+    # pick (`nearest`, by row of `points`) and finds the next pick in the same pass.
+    n = points.shape[0]
+    best_row = 0
+    for r in range(n):
+        if nearest[r] > nearest[best_row] or (nearest[r] == nearest[best_row] and orig[r] < orig[best_row]):
+            best_row = r
+    for t in range(first, order.shape[0]):
+        if nearest[best_row] <= 0.0:
+            _fill_ties(order, is_center, t)
+            return
+        order[t] = orig[best_row]
+        is_center[orig[best_row]] = True
+        _copy_row(centers, t, points, best_row)
+        best_row = 0
+        for r in range(n):
+            d2 = _sqdist(points, r, centers, t)
+            if d2 < nearest[r]:
+                nearest[r] = d2
+            if nearest[r] > nearest[best_row] or (
+                nearest[r] == nearest[best_row] and orig[r] < orig[best_row]
+            ):
+                best_row = r
+
+
+@numba.njit(cache=True)
+def _fill_ties(order: np.ndarray, is_center: np.ndarray, first: int) -> None:
+    # Every remaining point duplicates a selected one: all distances are 0, so the lowest indices follow.
+    i = 0
+    for t in range(first, order.shape[0]):
+        while is_center[i]:
+            i += 1
+        order[t] = i
+        is_center[i] = True
 
 
 @numba.njit(cache=True)

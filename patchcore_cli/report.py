@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from rich.markup import escape
 
 from patchcore_cli.errors import OutputError
 
@@ -234,7 +235,7 @@ def benchmark_tables(rows: Sequence[Any], columns: Sequence[str]) -> list[Table]
         for header in ("Avg", *map(display_name, columns)):
             table.add_column(header, justify="right")
         for label, values in metric_grid(rows, metric, columns):
-            table.add_row(label, *(fmt(v) for v in values))
+            table.add_row(escape(label), *(fmt(v) for v in values))
         tables.append(table)
     return tables
 
@@ -261,7 +262,7 @@ def timing_table(rows: Sequence[Any]) -> Table:
             v for k, v in r.fit_seconds.items() if k in ("backbone", "aggregate + reduce", "decode (waiting)")
         )
         table.add_row(
-            r.row,
+            escape(r.row),
             display_name(r.dataset),
             f"{features:.1f}",
             f"{r.fit_seconds.get('coreset', 0.0):.1f}",
@@ -379,7 +380,8 @@ def profile_tables(rows: Sequence[Any]) -> list[Table]:
         for phase, stages, n_images in (("fit", r.fit_seconds, r.n_train), ("score", r.score_stages, n_test)):
             total = sum(stages.values())
             table = Table(
-                title=f"Profile: {r.row} / {display_name(r.dataset)} / {phase} ({n_images} images)",
+                title=f"Profile: {escape(r.row)} / {escape(display_name(r.dataset))} / {phase} "
+                f"({n_images} images)",
                 title_justify="left",
             )
             for header in ("stage", "seconds", "share", "images/s"):

@@ -100,6 +100,15 @@ def test_ties_go_to_the_lowest_index() -> None:
         np.testing.assert_array_equal(got, brute_force_greedy(features, len(features), start))
 
 
+def test_ties_go_to_the_lowest_index_on_data_that_does_not_prune() -> None:
+    # Binary vectors in 12 dimensions, some repeated: pruning fails, so the search hands over to the
+    # plain loop after a few dozen picks; it must break ties the same way.
+    base = np.random.default_rng(24).integers(0, 2, size=(300, 12)).astype(np.float32)
+    features = np.concatenate([base, base[:50]])
+    got = greedy_coreset(features, len(features), start=3)
+    np.testing.assert_array_equal(got, brute_force_greedy(features, len(features), 3))
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     values=st.lists(st.integers(-3, 3), min_size=2 * 40, max_size=2 * 40),
@@ -110,6 +119,15 @@ def test_matches_brute_force_on_small_integer_data(values: list[int], n_select: 
     features = np.array(values, dtype=np.float32).reshape(40, 2)
     np.testing.assert_array_equal(
         greedy_coreset(features, n_select, start=start), brute_force_greedy(features, n_select, start)
+    )
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e19])
+def test_matches_brute_force_at_extreme_scales(scale: float) -> None:
+    # At these scales float32 squares underflow to 0 or overflow to inf: the bounds must not prune wrongly.
+    features = (np.random.default_rng(23).normal(size=(300, 40)) * scale).astype(np.float32)
+    np.testing.assert_array_equal(
+        greedy_coreset(features, 100, start=8), brute_force_greedy(features, 100, 8)
     )
 
 
