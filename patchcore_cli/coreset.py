@@ -14,9 +14,10 @@ PCA "sketch" of the points, whose distances never exceed the true ones, rules ou
 members of a cluster sit together in memory, farthest first. The result is the exact greedy order, ties to
 the lowest index, as the naive loop gives; only the work changes.
 
-Speed depends on the data: patch features, which lie near a low-dimensional surface, prune well (the
-PatchCore-10% subset of 164,000 EfficientNet patches takes a few seconds); points spread evenly in many
-dimensions, such as pure Gaussian noise, prune little and cost about as much as the naive loop.
+Speed depends on the data. Patch features lie near a low-dimensional surface and prune well: PatchCore-10%
+of 164,000 EfficientNet-Lite0 patches takes about 3 s on two cores, where the naive loop takes over a
+minute. Points spread evenly in many dimensions, such as Gaussian noise, prune badly; when the pruned
+search costs more than the naive loop would, it hands over to that loop, so they cost no more than it.
 """
 
 from __future__ import annotations
