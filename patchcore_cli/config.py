@@ -16,7 +16,7 @@ INDEXES = ("exact", "faiss", "hnsw")  # see scoring.NearestNeighbours
 # Bundles of options chosen from measurements (README, "Benchmark results"). CLI and YAML override them.
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"backbone": "efficientnet_lite0", "coreset": 0.01},
-    "accurate": {"backbone": "efficientnet_lite0+efficientnet_lite2"},
+    "accurate": {"backbone": "efficientnet_lite0", "image_size": 320, "crop": 288},
 }
 MAX_IMAGE_SIZE = 4096  # a bank or config asking for more is refused before any image is resized
 REDUCTIONS = ("avgpool", "random")  # see features.embed
