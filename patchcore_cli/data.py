@@ -570,6 +570,12 @@ def _real_paths(paths: Sequence[Path]) -> set[str]:
     return {os.path.realpath(path) for path in paths}
 
 
+def _same_type_first(mask_dirs: Sequence[Path], defect_type: str) -> list[Path]:
+    """Mask folders named like the defect type first: with `--masks gt/crack --masks gt/hole`, the crack
+    image `000.png` must get `gt/crack/000_mask.png`, not the hole's mask of the same name."""
+    return sorted(mask_dirs, key=lambda folder: Path(folder).name != defect_type)
+
+
 def folder_split(
     good: Sequence[Path],
     defect: Sequence[Path],
@@ -611,7 +617,9 @@ def folder_split(
                 continue
             seen.add(real)
             defect_type = defect_type_name(Path(item) if given_folder else image.parent)
-            mask = _require_mask(image, [*mask_dirs, image.parent], require_masks)
+            mask = _require_mask(
+                image, [*_same_type_first(mask_dirs, defect_type), image.parent], require_masks
+            )
             test.append(Sample(image, 1, defect_type, mask))
     defect_real = _real_paths([sample.path for sample in test if sample.label == 1])
     if overlap := defect_real & _real_paths([*good_images, *train_images]):
@@ -631,7 +639,14 @@ def test_split(
         for image in list_images([item]):
             defect_type = defect_type_name(Path(item) if given_folder else image.parent)
             test.append(
-                Sample(image, 1, defect_type, _require_mask(image, [*mask_dirs, image.parent], require_masks))
+                Sample(
+                    image,
+                    1,
+                    defect_type,
+                    _require_mask(
+                        image, [*_same_type_first(mask_dirs, defect_type), image.parent], require_masks
+                    ),
+                )
             )
     overlap = _real_paths([s.path for s in test if s.label == 0]) & _real_paths(
         [s.path for s in test if s.label == 1]

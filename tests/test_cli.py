@@ -186,3 +186,14 @@ def test_every_command_has_help_and_is_documented():
         assert result.exit_code == 0, command
         assert "Usage" in result.stdout
         assert f"patchcore {command}" in readme, command
+
+
+def test_generic_layout_matches_masks_by_defect_type(washer):
+    from patchcore_cli.data import folder_split, test_split
+
+    good, truth = washer / "test" / "good", washer / "ground_truth"
+    defects = [washer / "test" / "scratch", washer / "test" / "hole"]
+    masks = [truth / "scratch", truth / "hole"]  # both hold 000_mask.png and 001_mask.png
+    for split in (test_split([good], defects, masks), folder_split([good], defects, masks=masks)):
+        for sample in (s for s in split.test if s.label == 1):
+            assert sample.mask.parent.name == sample.defect_type, sample
