@@ -549,8 +549,26 @@ def _run_benchmark(
             out.print(table)
 
 
-def _fit_overrides(**values: Any) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v is not None}
+# The fit options that `benchmark` passes on to every row, when given.
+_FIT_OPTIONS = (
+    "seed",
+    "weights",
+    "layers",
+    "coreset",
+    "dim",
+    "reduction",
+    "image_size",
+    "crop",
+    "batch_size",
+    "threads",
+    "index",
+    "precision",
+)
+
+
+def _fit_overrides(options: dict[str, Any]) -> dict[str, Any]:
+    """The fit options given on a benchmark command line (its `locals()`), for `config.build`."""
+    return {key: options[key] for key in _FIT_OPTIONS if options.get(key) is not None}
 
 
 @bench_app.command("mvtec")
@@ -604,21 +622,7 @@ def benchmark_mvtec(
     if not run:
         raise InputError(f"{root}: none of the requested MVTec AD categories is present")
     splits = [mvtec_category(root, c, require_masks=not no_pixel_metrics) for c in run]
-    overrides = _fit_overrides(
-        seed=seed,
-        weights=weights,
-        layers=layers,
-        coreset=coreset,
-        dim=dim,
-        reduction=reduction,
-        image_size=image_size,
-        crop=crop,
-        batch_size=batch_size,
-        threads=threads,
-        index=index,
-        precision=precision,
-    )
-    rows = _row_configs(backbone, config_files, overrides, presets)
+    rows = _row_configs(backbone, config_files, _fit_overrides(locals()), presets)
     _run_benchmark(
         splits, rows, list(MVTEC_CATEGORIES), not no_pixel_metrics, out_dir, as_json, max_pixels, profile
     )
@@ -675,21 +679,7 @@ def benchmark_folder(
         seed=seed if seed is not None else 42,
         name=name,
     )
-    overrides = _fit_overrides(
-        seed=seed,
-        weights=weights,
-        layers=layers,
-        coreset=coreset,
-        dim=dim,
-        reduction=reduction,
-        image_size=image_size,
-        crop=crop,
-        batch_size=batch_size,
-        threads=threads,
-        index=index,
-        precision=precision,
-    )
-    rows = _row_configs(backbone, config_files, overrides, presets)
+    rows = _row_configs(backbone, config_files, _fit_overrides(locals()), presets)
     _run_benchmark([split], rows, [name], not no_pixel_metrics, out_dir, as_json, max_pixels, profile)
 
 
