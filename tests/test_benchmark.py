@@ -102,3 +102,13 @@ def test_avg_column_averages_only_the_categories_that_ran():
     grid = dict(metric_grid(rows, "image_auroc", ["carpet", "bottle", "screw"]))
     assert grid["a"][0] == pytest.approx(0.75) and grid["b"][0] == pytest.approx(0.9)
     assert grid["a"][1] != grid["a"][1]  # carpet did not run: NaN, shown as n/a
+
+
+def test_profile_prints_stages_against_the_bare_forward_pass(mvtec_like):
+    result = run("benchmark", "mvtec", "--root", mvtec_like, *TINY_OPTIONS, "--profile")
+    assert result.exit_code == 0, result.output
+    for phase in ("/ fit (8 images)", "/ score (12 images)"):
+        assert phase in result.stdout
+    for stage in ("backbone", "coreset", "calibrate", "bank write", "bank load", "nearest-neighbour search"):
+        assert stage in result.stdout
+    assert "bare forward (same batch shape)" in result.stdout and "total / bare forward" in result.stdout

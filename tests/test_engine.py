@@ -113,3 +113,33 @@ def test_ensemble_refuses_a_single_weights_file(tmp_path):
 
     with pytest.raises(ConfigError, match="fits one backbone"):
         config_mod.build(backbone="resnet18+resnet50", weights=str(tmp_path / "w.pth"))
+
+
+@pytest.mark.parametrize("reduction", ["avgpool", "random"])
+def test_three_stages_reduced_to_dim(washer, reduction):
+    import torch
+
+    from patchcore_cli.features import embed
+
+    # Stage k's values sit near 10 * k, so the columns show where they came from.
+    maps = [torch.rand(2, 24, 16, 16) + 10, torch.rand(2, 40, 8, 8) + 20, torch.rand(2, 112, 4, 4) + 30]
+    out = embed(maps, 96, reduction, seed=1)
+    assert out.shape == (2, 16 * 16, 96)
+    np.testing.assert_array_equal(out.numpy(), embed(maps, 96, reduction, seed=1).numpy())  # seeded
+    assert embed(maps, 512, reduction).shape == (2, 256, 176)  # enough room: no reduction at all
+    if reduction == "avgpool":  # each stage keeps an equal share of 32 columns, in stage order
+        interior = out.reshape(2, 16, 16, 96)[:, 6:10, 6:10]  # away from the zero-padded border
+        for stage in range(3):
+            block = interior[..., 32 * stage : 32 * (stage + 1)]
+            assert 10 * (stage + 1) < float(block.min()) and float(block.max()) < 10 * (stage + 1) + 1
+
+
+def test_fit_with_three_layers_and_random_reduction(washer):
+    config = config_mod.build(
+        **{**TINY_CONFIG, "layers": "layer1,layer2,layer3", "dim": 48, "reduction": "random"}
+    )
+    fitted = fit(list_images([washer / "train" / "good"]), config)
+    assert fitted.bank.memory_bank.shape[1] == 48
+    assert fitted.n_patches == 8 * 16 * 16  # layer1 has stride 4: 16 x 16 patches at a 64 px crop
+    result = Scorer(fitted.bank).score_paths(list_images([washer / "test" / "hole"]), keep_maps=True)[0]
+    assert result.anomaly_map.shape == (64, 64)
