@@ -59,6 +59,7 @@ def test_blocked_exact_search_equals_faiss(monkeypatch, k):
     )
     monkeypatch.setattr(NearestNeighbours, "BLOCK", 64)  # several blocks, and a ragged last one
     ours, theirs = NearestNeighbours(bank, "exact"), NearestNeighbours(bank, "faiss")
+    assert ours.method == "exact"  # 20 dims: the torch path really ran
     (d1, i1), (d2, i2) = ours.search(queries, k), theirs.search(queries, k)
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_allclose(d1, d2, rtol=1e-5)
@@ -72,3 +73,8 @@ def test_hnsw_finds_most_true_neighbours():
     exact = NearestNeighbours(bank, "exact").search(queries)[1]
     approx = NearestNeighbours(bank, "hnsw").search(queries)[1]
     assert (exact == approx).mean() > 0.9
+
+
+def test_wide_banks_use_faiss_for_the_exact_search():
+    bank = np.random.default_rng(0).normal(size=(10, NearestNeighbours.TORCH_MAX_DIM + 1)).astype(np.float32)
+    assert NearestNeighbours(bank, "exact").method == "faiss"
