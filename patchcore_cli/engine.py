@@ -247,15 +247,13 @@ def fit(
     if len(parts) == 1:
         bank = parts[0].bank
     else:
-        scores = np.mean([(p.loo_scores - _stat(p, "image_mean")) / _stat(p, "image_std") for p in parts], 0)
-        maps = np.mean([(p.loo_maps - _stat(p, "pixel_mean")) / _stat(p, "pixel_std") for p in parts], 0)
-        valid = np.isfinite(scores)
+        standard = [Standardisation.of(p.bank.calibration) for p in parts]
+        scores = np.mean([s.image(p.loo_scores) for s, p in zip(standard, parts, strict=True)], 0)
+        maps = np.mean([s.pixel(p.loo_maps) for s, p in zip(standard, parts, strict=True)], 0)
         bank = bank_io.Bank(
             memory_bank=parts[0].bank.memory_bank,
             config={**config.model_dict(), "weights_file": None},
-            calibration=threshold_from_scores(
-                scores[valid], maps[valid].reshape(int(valid.sum()), -1).max(1), config.threshold_sigma
-            ),
+            calibration=calibrate(scores, maps, config.threshold_sigma),
             weights_sha256="+".join(p.bank.weights_sha256 for p in parts),
             n_train_images=len(paths),
             members=[p.bank for p in parts],
@@ -263,10 +261,31 @@ def fit(
     return FitResult(bank, timings, len(paths), sum(p.n_patches for p in parts), [p.extractor for p in parts])
 
 
-def _stat(part: _MemberFit, key: str) -> float:
-    """A member's good-score statistic; a zero std (identical scores) would divide by zero."""
-    value = float(part.bank.calibration[key])
-    return max(value, 1e-12) if key.endswith("std") else value
+@dataclass(frozen=True)
+class Standardisation:
+    """How an ensemble member's scores and maps are put in good-std units (paper §4.4): subtract the mean
+    of its leave-one-out good scores, divide by their std. The identity for a single-backbone bank."""
+
+    image_shift: float = 0.0
+    image_scale: float = 1.0
+    pixel_shift: float = 0.0
+    pixel_scale: float = 1.0
+
+    @classmethod
+    def of(cls, calibration: dict[str, Any]) -> Standardisation:
+        # A zero std (identical good scores) would divide by zero.
+        return cls(
+            float(calibration["image_mean"]),
+            max(float(calibration["image_std"]), 1e-12),
+            float(calibration["pixel_mean"]),
+            max(float(calibration["pixel_std"]), 1e-12),
+        )
+
+    def image(self, scores: Any) -> Any:
+        return (scores - self.image_shift) / self.image_scale
+
+    def pixel(self, maps: Any) -> Any:
+        return (maps - self.pixel_shift) / self.pixel_scale
 
 
 def _fit_member(
@@ -296,12 +315,7 @@ def _fit_member(
 
     with timings.stage("calibrate"):
         scores, maps = leave_one_out(per_image, memory_bank, source_image, extractor.grid, config, progress)
-        valid = np.isfinite(scores)
-        if valid.sum() < 2:
-            raise InputError("fit: too few distinct good images to calibrate a threshold (need at least 2)")
-        calibration = threshold_from_scores(
-            scores[valid], maps[valid].reshape(int(valid.sum()), -1).max(1), config.threshold_sigma
-        )
+        calibration = calibrate(scores, maps, config.threshold_sigma)
     bank = bank_io.Bank(
         memory_bank=memory_bank,
         config={
@@ -353,6 +367,14 @@ def leave_one_out(
             maps[row] = anomaly_map(patch_map, config.crop, config.sigma)[0].numpy()
         progress.advance()
     return scores, maps
+
+
+def calibrate(scores: np.ndarray, maps: np.ndarray, k: float) -> dict[str, Any]:
+    """Leave-one-out scores (C, NaN where skipped) and maps (C x H x W) -> the calibration record."""
+    valid = np.isfinite(scores)
+    if valid.sum() < 2:
+        raise InputError("fit: too few distinct good images to calibrate a threshold (need at least 2)")
+    return threshold_from_scores(scores[valid], maps[valid].reshape(int(valid.sum()), -1).max(1), k)
 
 
 def threshold_from_scores(image_scores: np.ndarray, map_maxima: np.ndarray, k: float) -> dict[str, Any]:
@@ -446,14 +468,7 @@ class _Part:
         self.config = config
         self.extractor = extractor
         self.search = NearestNeighbours(bank.memory_bank, config.index)
-        cal = bank.calibration
-        # In an ensemble each member's scores are standardised by its own good statistics (§4.4).
-        self.image_shift, self.image_scale = (
-            (cal["image_mean"], max(cal["image_std"], 1e-12)) if ensemble else (0.0, 1.0)
-        )
-        self.pixel_shift, self.pixel_scale = (
-            (cal["pixel_mean"], max(cal["pixel_std"], 1e-12)) if ensemble else (0.0, 1.0)
-        )
+        self.standard = Standardisation.of(bank.calibration) if ensemble else Standardisation()
 
 
 class Scorer:
@@ -548,13 +563,13 @@ class Scorer:
                 raw = image_score(
                     part_patches, distances[:, 0], nearest[:, 0], part.search, part.config.num_neighbors
                 )
-            score += (raw - part.image_shift) / part.image_scale / len(self.parts)
+            score += part.standard.image(raw) / len(self.parts)
             if keep_maps:
                 with self.timings.stage("map upsample + blur"):
                     grid = part.extractor.grid
                     patch_map = torch.from_numpy(distances[:, 0].reshape(1, grid, grid).astype(np.float32))
                     part_map = anomaly_map(patch_map, self.config.crop, self.config.sigma)[0].numpy()
-                    part_map = (part_map - part.pixel_shift) / part.pixel_scale / len(self.parts)
+                    part_map = part.standard.pixel(part_map) / len(self.parts)
                     amap = part_map if amap is None else amap + part_map
         return ScoreResult(
             path=item.path,
