@@ -186,6 +186,16 @@ def _max_pixels(value: int | None) -> int:
     return value if value is not None else DEFAULT_MAX_PIXELS
 
 
+def _open_scorer(bank_path: Path, **runtime: Any) -> Any:
+    """Load a bank and build its scorer (shared by `score` and `evaluate`), warning about random weights."""
+    from patchcore_cli import bank as bank_io
+    from patchcore_cli.engine import Scorer
+
+    scorer = Scorer(bank_io.load(bank_path), bank_path=str(bank_path), **runtime)
+    _warn_random(scorer.random_weights)
+    return scorer
+
+
 def _warn_random(random_weights: bool) -> None:
     if random_weights:
         err.print("[bold yellow]warning:[/] using RANDOM backbone weights (--weights random): for tests only")
@@ -295,19 +305,13 @@ def score(
     max_pixels: MaxPixelsOpt = None,
 ) -> None:
     """Score images against a bank: raw score, normalised score (threshold = 0.5) and verdict."""
-    from patchcore_cli import bank as bank_io
     from patchcore_cli import report
     from patchcore_cli.data import list_images
-    from patchcore_cli.engine import Scorer
 
     if as_json and as_csv:
         raise typer.BadParameter("choose one of --json and --csv")
     paths = list_images(inputs)
-    bank = bank_io.load(bank_path)
-    scorer = Scorer(
-        bank, batch_size=batch_size, threads=threads, weights=weights, index=index, bank_path=str(bank_path)
-    )
-    _warn_random(scorer.random_weights)
+    scorer = _open_scorer(bank_path, batch_size=batch_size, threads=threads, weights=weights, index=index)
     for folder in (heatmaps, masks):
         if folder is not None:
             _make_dir(folder)
@@ -426,10 +430,8 @@ def evaluate(
     max_pixels: MaxPixelsOpt = None,
 ) -> None:
     """Score a labelled test set with a bank: image/pixel AUROC, AUPRO, thresholded metrics."""
-    from patchcore_cli import bank as bank_io
     from patchcore_cli import report
     from patchcore_cli.data import mvtec_category, test_split
-    from patchcore_cli.engine import Scorer
     from patchcore_cli.errors import ConfigError
     from patchcore_cli.evaluation import evaluate as run_evaluate
 
@@ -442,11 +444,7 @@ def evaluate(
         split = test_split(good, defect, masks or [], require_masks=require)
     else:
         raise ConfigError("evaluate needs a DATASET folder, or --good DIR and --defect DIR")
-    bank = bank_io.load(bank_path)
-    scorer = Scorer(
-        bank, batch_size=batch_size, threads=threads, weights=weights, index=index, bank_path=str(bank_path)
-    )
-    _warn_random(scorer.random_weights)
+    scorer = _open_scorer(bank_path, batch_size=batch_size, threads=threads, weights=weights, index=index)
     with RichProgress(enabled=not as_json or err.is_terminal) as progress:
         evaluation = run_evaluate(scorer, split, require, progress, _max_pixels(max_pixels))
     data = {"bank": str(bank_path), **evaluation.as_dict()}
