@@ -149,9 +149,28 @@ ReductionOpt = Annotated[
     ),
 ]
 ImageSizeOpt = Annotated[
-    int | None, typer.Option("--image-size", help="Resize shorter side to this; default 256.")
+    int | None,
+    typer.Option("--image-size", help="With --framing crop: resize the shorter side to this; default 256."),
 ]
-CropOpt = Annotated[int | None, typer.Option("--crop", help="Centre-crop size; default 224.")]
+WeightingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--stage-weighting",
+        help="equal: every stage weighs the same in the distance, whatever its channel count; "
+        "none: each channel counts once. Default equal.",
+    ),
+]
+FramingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--framing",
+        help="crop: shorter side to --image-size, then the centre --crop square (paper); "
+        "whole: the whole image resized to --crop square, nothing cut off. Default whole.",
+    ),
+]
+CropOpt = Annotated[
+    int | None, typer.Option("--crop", help="Side of the square the backbone sees; default 224.")
+]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for coreset and calibration; default 42.")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Images per forward pass; default 8.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch and faiss.")]
@@ -217,7 +236,9 @@ def fit(
     coreset: CoresetOpt = None,
     dim: DimOpt = None,
     reduction: ReductionOpt = None,
+    stage_weighting: WeightingOpt = None,
     image_size: ImageSizeOpt = None,
+    framing: FramingOpt = None,
     crop: CropOpt = None,
     seed: SeedOpt = None,
     batch_size: BatchOpt = None,
@@ -244,7 +265,9 @@ def fit(
         coreset=coreset,
         dim=dim,
         reduction=reduction,
+        stage_weighting=stage_weighting,
         image_size=image_size,
+        framing=framing,
         crop=crop,
         seed=seed,
         batch_size=batch_size,
@@ -555,7 +578,9 @@ _FIT_OPTIONS = (
     "coreset",
     "dim",
     "reduction",
+    "stage_weighting",
     "image_size",
+    "framing",
     "crop",
     "batch_size",
     "threads",
@@ -587,7 +612,9 @@ def benchmark_mvtec(
     coreset: CoresetOpt = None,
     dim: DimOpt = None,
     reduction: ReductionOpt = None,
+    stage_weighting: WeightingOpt = None,
     image_size: ImageSizeOpt = None,
+    framing: FramingOpt = None,
     crop: CropOpt = None,
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,
@@ -652,7 +679,9 @@ def benchmark_folder(
     coreset: CoresetOpt = None,
     dim: DimOpt = None,
     reduction: ReductionOpt = None,
+    stage_weighting: WeightingOpt = None,
     image_size: ImageSizeOpt = None,
+    framing: FramingOpt = None,
     crop: CropOpt = None,
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,

@@ -20,6 +20,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 MAX_IMAGE_SIZE = 4096  # a bank or config asking for more is refused before any image is resized
 REDUCTIONS = ("avgpool", "random")  # see features.embed
+FRAMINGS = ("crop", "whole")  # see features.preprocess
+STAGE_WEIGHTINGS = ("equal", "none")  # see features.embed
 
 
 @dataclass(frozen=True)
@@ -29,10 +31,12 @@ class FitConfig:
     backbone: str = "wide_resnet50_2"
     weights: str | None = None
     layers: tuple[str, ...] = ("layer2", "layer3")
-    image_size: int = 256  # paper §4.1: resize to 256 ...
-    crop: int = 224  # ... and centre-crop to 224
+    framing: str = "whole"  # the whole image resized to crop x crop; "crop": paper §4.1
+    image_size: int = 256  # framing "crop" (paper §4.1): resize the shorter side to 256 ...
+    crop: int = 224  # ... and centre-crop to 224. Either way, the side of the square the backbone sees
     dim: int = 1024  # reference implementation's target embedding dimension
     reduction: str = "avgpool"  # how to reach `dim` when the stages have more channels
+    stage_weighting: str = "equal"  # each stage weighs the same in the distance, whatever its width
     coreset: float = 0.1  # paper §4.2: PatchCore-10%
     projection_dim: int = 128  # paper §3.2: random projection for coreset distances
     seed: int = 42
@@ -70,7 +74,7 @@ _INT_FIELDS = {
     "threads",
 }
 _FLOAT_FIELDS = {"coreset", "sigma", "threshold_sigma"}
-_STR_FIELDS = {"backbone", "weights", "precision", "reduction", "index"}
+_STR_FIELDS = {"backbone", "weights", "precision", "reduction", "index", "framing", "stage_weighting"}
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -106,7 +110,11 @@ def validate(config: FitConfig, source: str = "config") -> FitConfig:
             f"image_size must be between 32 and {MAX_IMAGE_SIZE}, got {config.image_size}",
         ),
         (
-            32 <= config.crop <= config.image_size,
+            32 <= config.crop <= MAX_IMAGE_SIZE,
+            f"crop must be between 32 and {MAX_IMAGE_SIZE}, got {config.crop}",
+        ),
+        (
+            config.framing != "crop" or config.crop <= config.image_size,
             f"crop must be between 32 and image_size ({config.image_size}), got {config.crop}",
         ),
         (config.dim >= 1, f"dim must be positive, got {config.dim}"),
@@ -116,6 +124,14 @@ def validate(config: FitConfig, source: str = "config") -> FitConfig:
         (
             config.reduction in REDUCTIONS,
             f"reduction must be one of {', '.join(REDUCTIONS)}, got {config.reduction!r}",
+        ),
+        (
+            config.stage_weighting in STAGE_WEIGHTINGS,
+            f"stage_weighting must be one of {', '.join(STAGE_WEIGHTINGS)}, got {config.stage_weighting!r}",
+        ),
+        (
+            config.framing in FRAMINGS,
+            f"framing must be one of {', '.join(FRAMINGS)}, got {config.framing!r}",
         ),
         (config.index in INDEXES, f"index must be one of {', '.join(INDEXES)}, got {config.index!r}"),
         (
@@ -221,9 +237,14 @@ def build(config_file: Path | None = None, preset: str | None = None, **override
     return validate(FitConfig(**values), source)
 
 
+# Fields added after format v1 shipped, with the value every older bank was fitted with.
+_BEFORE_FIELD: dict[str, Any] = {"framing": "crop", "stage_weighting": "none"}
+
+
 def from_bank(stored: Mapping[str, Any], **runtime: Any) -> FitConfig:
     """Rebuild the config a bank was fitted with, plus runtime options for this run."""
-    known = {k: v for k, v in stored.items() if k in _FIELDS}
+    # Banks written before a field existed were made with the behaviour it now names.
+    known = {**_BEFORE_FIELD, **{k: v for k, v in stored.items() if k in _FIELDS}}
     values = from_mapping(known, "bank config")
     values.update({k: v for k, v in runtime.items() if v is not None})
     return FitConfig(**values)

@@ -17,7 +17,11 @@ the lowest index, as the naive loop gives; only the work changes.
 Speed depends on the data. Patch features lie near a low-dimensional surface and prune well: PatchCore-10%
 of 164,000 EfficientNet-Lite0 patches takes about 3 s on two cores, where the naive loop takes over a
 minute. Points spread evenly in many dimensions, such as Gaussian noise, prune badly; when the pruned
-search costs more than the naive loop would, it hands over to that loop, so they cost no more than it.
+search costs more than the naive loop would, it hands over to a batched form of that loop. The farthest
+rows are taken several at a time, for as long as that provably gives the same order (`_batched_greedy`),
+and one pass over the rows then applies the whole batch, where a float32 dot-product bound rules out most
+row-center pairs before the exact distance. On 373,000 Gaussian points in 128 dimensions a pick costs
+about 2.2 ms on two shared cores (batches of about 180 picks), against 8.3 ms for the naive loop.
 """
 
 from __future__ import annotations
@@ -38,12 +42,17 @@ _SKETCH_SAMPLE = 4096  # rows used to estimate the principal axes; any orthonorm
 _SCAN_BLOCK = 256  # centers per block in the vectorised center scan
 # Where pruning fails (points spread evenly in many dimensions), the plain loop, which streams every row
 # once per pick, is cheaper. Every _WINDOW picks the pruned work is compared with _WINDOW such passes, in
-# row-reads: a pool entry costs about one, an exact distance at a scattered row about _EXACT_COST.
+# row-reads: a pool entry costs about one, an exact distance at a scattered row about _EXACT_COST. The
+# batched fallback costs a quarter of such a pass per pick, yet handing over sooner was measured to lose
+# on data that prunes well at first (its early windows move many points).
 _WINDOW = 64
 _EXACT_COST = 4
 # Exact distances only need reassociation (vectorised sums) and fused multiply-add; no NaN/inf shortcuts.
 _FASTMATH = {"reassoc", "contract"}
 _CHUNK_ROWS = 16384
+# The fallback's batches: candidates per pass, and rows per parallel work item of a pass.
+_BATCH = 256
+_PASS_ROWS = 2048
 
 
 def random_projection(features: np.ndarray, dim: int, seed: int) -> np.ndarray:
@@ -422,14 +431,14 @@ def _greedy_kcenter(
                 for j in range(t + 1):
                     for pos in range(seg_start[j], seg_start[j] + seg_len[j]):
                         nearest[pool_row[pos]] = pool_d2[pos]
-                _plain_greedy(points, orig, nearest, centers, order, is_center, t + 1)
+                _batched_greedy(points, orig, nearest, centers, order, is_center, t + 1)
                 break
             work = 0
     return order
 
 
-@numba.njit(cache=True, fastmath=_FASTMATH)
-def _plain_greedy(
+@numba.njit(cache=True)
+def _batched_greedy(
     points: np.ndarray,
     orig: np.ndarray,
     nearest: np.ndarray,
@@ -437,30 +446,299 @@ def _plain_greedy(
     order: np.ndarray,
     is_center: np.ndarray,
     first: int,
-) -> None:
-    # The textbook loop for picks first.. : each pick updates every row's squared distance to its nearest
-    # pick (`nearest`, by row of `points`) and finds the next pick in the same pass.
+) -> int:
+    # Picks first.. of the plain greedy loop, several per pass over the rows. `nearest` holds each row's
+    # squared distance to its nearest pick (by row of `points`). Returns the number of passes.
+    #
+    # After a pass, take the _BATCH rows that come first in greedy order: largest `nearest`, then lowest
+    # index. Every other row ranks below the last of them, the boundary, and picks only lower its value,
+    # so while the best candidate still ranks at or above the boundary it is the next pick. Each pick
+    # lowers the candidates' values as the plain loop would (with `_sqdist`, only on a strictly smaller
+    # distance); once the best falls below the boundary, one pass applies the batch's picks to every row
+    # and finds the next candidates. The pass computes the same `_sqdist`, so the two cannot disagree.
     n = points.shape[0]
-    best_row = 0
-    for r in range(n):
-        if nearest[r] > nearest[best_row] or (nearest[r] == nearest[best_row] and orig[r] < orig[best_row]):
-            best_row = r
-    for t in range(first, order.shape[0]):
-        if nearest[best_row] <= 0.0:
+    n_blocks = (n + _PASS_ROWS - 1) // _PASS_ROWS
+    width = min(_BATCH, n)
+    top_val = np.empty((n_blocks, width), dtype=np.float64)
+    top_orig = np.empty((n_blocks, width), dtype=np.int64)
+    top_row = np.empty((n_blocks, width), dtype=np.int64)
+    top_size = np.zeros(n_blocks, dtype=np.int64)
+    candidates = np.empty(width, dtype=np.int64)
+    value = np.empty(width, dtype=np.float64)  # each candidate's distance^2 to its nearest pick so far
+    norms = np.empty(n, dtype=np.float64)
+    _row_norms(points, norms)
+    center_norms = np.empty(order.shape[0], dtype=np.float64)
+    t = first
+    passes = 0
+    _batch_pass(
+        points, norms, centers, center_norms, t, t, nearest, orig, top_val, top_orig, top_row, top_size
+    )
+    while True:
+        n_candidates = _merge_top(top_val, top_orig, top_row, top_size, candidates)
+        for k in range(n_candidates):
+            value[k] = nearest[candidates[k]]
+        # Rows left out rank below the last candidate; when there is room to spare, all of them are at 0.
+        bound = 0.0
+        bound_orig = n
+        if n_candidates == width:
+            bound = value[width - 1]
+            bound_orig = orig[candidates[width - 1]]
+        batch_start = t
+        while t < order.shape[0]:
+            best = -1
+            for k in range(n_candidates):
+                if value[k] >= 0.0 and (
+                    best < 0
+                    or _ranks_below(value[best], orig[candidates[best]], value[k], orig[candidates[k]])
+                ):
+                    best = k
+            if best < 0 or _ranks_below(value[best], orig[candidates[best]], bound, bound_orig):
+                break
+            if value[best] <= 0.0:  # every row is at distance 0 from a pick
+                _fill_ties(order, is_center, t)
+                return passes
+            r = candidates[best]
+            order[t] = orig[r]
+            is_center[orig[r]] = True
+            _copy_row(centers, t, points, r)
+            t += 1
+            value[best] = -1.0  # picked
+            for k in range(n_candidates):
+                if value[k] > 0.0:
+                    d2 = _sqdist(points, candidates[k], centers, t - 1)
+                    if d2 < value[k]:
+                        value[k] = d2
+        if t == order.shape[0]:
+            return passes
+        if t == batch_start:  # no candidates: every row is at distance 0 from a pick
             _fill_ties(order, is_center, t)
-            return
-        order[t] = orig[best_row]
-        is_center[orig[best_row]] = True
-        _copy_row(centers, t, points, best_row)
-        best_row = 0
-        for r in range(n):
-            d2 = _sqdist(points, r, centers, t)
-            if d2 < nearest[r]:
-                nearest[r] = d2
-            if nearest[r] > nearest[best_row] or (
-                nearest[r] == nearest[best_row] and orig[r] < orig[best_row]
-            ):
-                best_row = r
+            return passes
+        _row_norms(centers[batch_start:t], center_norms[batch_start:t])
+        _batch_pass(
+            points,
+            norms,
+            centers,
+            center_norms,
+            batch_start,
+            t,
+            nearest,
+            orig,
+            top_val,
+            top_orig,
+            top_row,
+            top_size,
+        )
+        passes += 1
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def _row_norms(rows: np.ndarray, out: np.ndarray) -> None:
+    # Squared Euclidean norm of each row, float64.
+    for r in range(rows.shape[0]):
+        total = 0.0
+        for u in range(rows.shape[1]):
+            v = np.float64(rows[r, u])
+            total += v * v
+        out[r] = total
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH, parallel=True)
+def _batch_pass(
+    points: np.ndarray,
+    norms: np.ndarray,
+    centers: np.ndarray,
+    center_norms: np.ndarray,
+    lo: int,
+    hi: int,
+    nearest: np.ndarray,
+    orig: np.ndarray,
+    top_val: np.ndarray,
+    top_orig: np.ndarray,
+    top_row: np.ndarray,
+    top_size: np.ndarray,
+) -> None:
+    # Lower `nearest` against centers lo .. hi - 1 and keep, per block of _PASS_ROWS rows, the rows that come
+    # first in greedy order (rows at distance 0 are left out). Blocks are fixed, so nothing depends on the
+    # number of threads.
+    #
+    # Most pairs are ruled out by a float32 dot product, several times cheaper than the float64 distance:
+    # |x - c|^2 = |x|^2 + |c|^2 - 2 x.c, and a float32 dot of d terms, summed in any order, is within
+    # gamma |x| |c| <= gamma (|x|^2 + |c|^2) / 2 of the exact one (gamma = d 2^-24 / (1 - d 2^-24); we
+    # take twice that). `rel` covers the float64 rounding of the norms, of `_sqdist` and of the bound
+    # itself; the 2^-118 terms cover float32 underflow, even with denormals flushed to zero. Only where
+    # the bound does not clear `nearest` is the distance computed, with `_sqdist`.
+    n, d = points.shape
+    gamma = 2.0 * d * 2.0**-24
+    rel = max(1e-13, 8.0 * (d + 8) * 2.0**-53)
+    shrink = 1.0 - gamma - rel - 2.0**-118 * d
+    floor = 3.0 * 2.0**-118 * d
+    for b in numba.prange(top_val.shape[0]):
+        r0 = b * _PASS_ROWS
+        r1 = min(r0 + _PASS_ROWS, n)
+        val = top_val[b]
+        org = top_orig[b]
+        row = top_row[b]
+        size = 0
+        for r in range(r0, r1 - 3, 4):
+            # Four rows against two centers at a time: each coordinate loaded serves eight products.
+            for j in range(lo, hi, 2):
+                k = min(j + 1, hi - 1)  # the last center twice when their number is odd
+                s0 = np.float32(0.0)
+                s1 = np.float32(0.0)
+                s2 = np.float32(0.0)
+                s3 = np.float32(0.0)
+                e0 = np.float32(0.0)
+                e1 = np.float32(0.0)
+                e2 = np.float32(0.0)
+                e3 = np.float32(0.0)
+                for u in range(d):
+                    c = centers[j, u]
+                    e = centers[k, u]
+                    x0 = points[r, u]
+                    x1 = points[r + 1, u]
+                    x2 = points[r + 2, u]
+                    x3 = points[r + 3, u]
+                    s0 += x0 * c
+                    s1 += x1 * c
+                    s2 += x2 * c
+                    s3 += x3 * c
+                    e0 += x0 * e
+                    e1 += x1 * e
+                    e2 += x2 * e
+                    e3 += x3 * e
+                if not _skips(norms[r], center_norms[j], s0, nearest[r], shrink, floor):
+                    _relax(points, r, centers, j, nearest)
+                if not _skips(norms[r + 1], center_norms[j], s1, nearest[r + 1], shrink, floor):
+                    _relax(points, r + 1, centers, j, nearest)
+                if not _skips(norms[r + 2], center_norms[j], s2, nearest[r + 2], shrink, floor):
+                    _relax(points, r + 2, centers, j, nearest)
+                if not _skips(norms[r + 3], center_norms[j], s3, nearest[r + 3], shrink, floor):
+                    _relax(points, r + 3, centers, j, nearest)
+                if not _skips(norms[r], center_norms[k], e0, nearest[r], shrink, floor):
+                    _relax(points, r, centers, k, nearest)
+                if not _skips(norms[r + 1], center_norms[k], e1, nearest[r + 1], shrink, floor):
+                    _relax(points, r + 1, centers, k, nearest)
+                if not _skips(norms[r + 2], center_norms[k], e2, nearest[r + 2], shrink, floor):
+                    _relax(points, r + 2, centers, k, nearest)
+                if not _skips(norms[r + 3], center_norms[k], e3, nearest[r + 3], shrink, floor):
+                    _relax(points, r + 3, centers, k, nearest)
+            for q in range(r, r + 4):
+                if nearest[q] > 0.0:
+                    size = _heap_push(val, org, row, size, nearest[q], orig[q], q)
+        for r in range(r1 - (r1 - r0) % 4, r1):
+            for j in range(lo, hi):
+                s0 = np.float32(0.0)
+                for u in range(d):
+                    s0 += points[r, u] * centers[j, u]
+                if not _skips(norms[r], center_norms[j], s0, nearest[r], shrink, floor):
+                    _relax(points, r, centers, j, nearest)
+            if nearest[r] > 0.0:
+                size = _heap_push(val, org, row, size, nearest[r], orig[r], r)
+        top_size[b] = size
+
+
+@numba.njit(cache=True, inline="always")
+def _skips(
+    norm: float, center_norm: float, dot: np.float32, nearest: float, shrink: float, floor: float
+) -> bool:
+    # Whether the float32 `dot` proves |x - c|^2 >= nearest, from |x - c|^2 >= (|x|^2 + |c|^2) shrink
+    # - 2 dot - floor (see _batch_pass). An overflowed or NaN dot proves nothing. Inlined: a call per
+    # pair would cost more than the dot.
+    g = np.float64(dot)
+    return nearest <= 0.0 or (abs(g) <= 3.4e38 and (norm + center_norm) * shrink - 2.0 * g - floor >= nearest)
+
+
+@numba.njit(cache=True)
+def _relax(points: np.ndarray, r: int, centers: np.ndarray, j: int, nearest: np.ndarray) -> None:
+    # The plain loop's update of row r for center j.
+    d2 = _sqdist(points, r, centers, j)
+    if d2 < nearest[r]:
+        nearest[r] = d2
+
+
+@numba.njit(cache=True)
+def _ranks_below(v1: float, o1: int, v2: float, o2: int) -> bool:
+    # Entry 1 comes after entry 2 in greedy order: farther from the picks first, then lower index.
+    return v1 < v2 or (v1 == v2 and o1 > o2)
+
+
+@numba.njit(cache=True)
+def _heap_push(val: np.ndarray, org: np.ndarray, row: np.ndarray, size: int, v: float, o: int, r: int) -> int:
+    # Keep the len(val) entries that come first in greedy order, as a heap with the last of them at the
+    # root. Returns the new size.
+    cap = val.shape[0]
+    if size < cap:
+        k = size
+        while k > 0:
+            parent = (k - 1) // 2
+            if not _ranks_below(v, o, val[parent], org[parent]):
+                break
+            val[k] = val[parent]
+            org[k] = org[parent]
+            row[k] = row[parent]
+            k = parent
+        val[k] = v
+        org[k] = o
+        row[k] = r
+        return size + 1
+    if not _ranks_below(val[0], org[0], v, o):
+        return size
+    k = 0
+    while True:
+        child = 2 * k + 1
+        if child >= cap:
+            break
+        if child + 1 < cap and _ranks_below(val[child + 1], org[child + 1], val[child], org[child]):
+            child += 1
+        if not _ranks_below(val[child], org[child], v, o):
+            break
+        val[k] = val[child]
+        org[k] = org[child]
+        row[k] = row[child]
+        k = child
+    val[k] = v
+    org[k] = o
+    row[k] = r
+    return size
+
+
+@numba.njit(cache=True)
+def _merge_top(
+    top_val: np.ndarray, top_orig: np.ndarray, top_row: np.ndarray, top_size: np.ndarray, out: np.ndarray
+) -> int:
+    # The rows that come first in greedy order among all blocks' heaps, best first, into `out`.
+    width = out.shape[0]
+    val = np.empty(width, dtype=np.float64)
+    org = np.empty(width, dtype=np.int64)
+    row = np.empty(width, dtype=np.int64)
+    size = 0
+    for b in range(top_val.shape[0]):
+        for k in range(top_size[b]):
+            size = _heap_push(val, org, row, size, top_val[b, k], top_orig[b, k], top_row[b, k])
+    # Pop the root (the last in greedy order) into the back of `out`.
+    for q in range(size - 1, -1, -1):
+        out[q] = row[0]
+        last = q
+        v = val[last]
+        o = org[last]
+        r = row[last]
+        k = 0
+        while True:
+            child = 2 * k + 1
+            if child >= last:
+                break
+            if child + 1 < last and _ranks_below(val[child + 1], org[child + 1], val[child], org[child]):
+                child += 1
+            if not _ranks_below(val[child], org[child], v, o):
+                break
+            val[k] = val[child]
+            org[k] = org[child]
+            row[k] = row[child]
+            k = child
+        val[k] = v
+        org[k] = o
+        row[k] = r
+    return size
 
 
 @numba.njit(cache=True)

@@ -91,8 +91,9 @@ def _decode(path: Path, config: FitConfig, max_pixels: int) -> Decoded:
         image = load_image(path, max_pixels=max_pixels)
     except ImageError as exc:
         return Decoded(path, None, None, exc)
-    geometry = crop_geometry(image.size, config.image_size, config.crop)
-    return Decoded(path, preprocess(image, config.image_size, config.crop), geometry, None)
+    size, crop, framing = config.image_size, config.crop, config.framing
+    geometry = crop_geometry(image.size, size, crop, framing)
+    return Decoded(path, preprocess(image, size, crop, framing), geometry, None)
 
 
 def decode_stream(
@@ -153,6 +154,7 @@ class Extractor:
                 self.config.dim,
                 self.config.reduction,
                 self.config.seed,
+                self.config.stage_weighting,
             )
         return out.numpy()
 

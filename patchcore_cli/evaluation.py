@@ -73,12 +73,12 @@ def evaluate(
     image = metrics.image_metrics(labels, scores, types, scorer.threshold)
     pixel = None
     if pixel_metrics:
-        crop, size = scorer.config.crop, scorer.config.image_size
-        masks = np.zeros((len(samples), crop, crop), dtype=bool)
+        config = scorer.config
+        masks = np.zeros((len(samples), config.crop, config.crop), dtype=bool)
         for index, (sample, result) in enumerate(zip(samples, results, strict=True)):
             if sample.mask is not None:
                 raw = load_mask(sample.mask, size=result.geometry.original_size, max_pixels=max_pixels)
-                masks[index] = preprocess_mask(raw, size, crop)
+                masks[index] = preprocess_mask(raw, config.image_size, config.crop, config.framing)
         maps = np.stack([r.anomaly_map for r in results]).astype(np.float32)
         pixel = metrics.pixel_metrics(masks, maps)
     records = [

@@ -33,8 +33,10 @@ class Geometry:
     box: tuple[float, float, float, float]
 
 
-def crop_geometry(size: tuple[int, int], resize: int, crop: int) -> Geometry:
+def crop_geometry(size: tuple[int, int], resize: int, crop: int, framing: str = "crop") -> Geometry:
     width, height = size
+    if framing == "whole":
+        return Geometry(original_size=(width, height), box=(0.0, 0.0, float(width), float(height)))
     scale = resize / min(width, height)
     new_w, new_h = round(width * scale), round(height * scale)
     left, top = (new_w - crop) / 2, (new_h - crop) / 2
@@ -44,10 +46,19 @@ def crop_geometry(size: tuple[int, int], resize: int, crop: int) -> Geometry:
     )
 
 
-def preprocess(image: Image.Image, resize: int, crop: int) -> np.ndarray:
-    """RGB PIL image -> crop x crop x 3 uint8 array: shorter side to `resize`, centre crop `crop`."""
+def preprocess(image: Image.Image, resize: int, crop: int, framing: str = "crop") -> np.ndarray:
+    """RGB PIL image -> crop x crop x 3 uint8 array, framed one of two ways:
+
+    - "crop" (paper §4.1): shorter side to `resize`, then the centre `crop` x `crop`. Whatever lies
+      outside the crop is not inspected.
+    - "whole": the whole image resized to `crop` x `crop` (`resize` is not used). Nothing is cut off; a
+      non-square image is stretched, the same way at fit and at score time.
+    """
     from PIL import Image as PILImage
 
+    if framing == "whole":
+        whole = image.resize((crop, crop), PILImage.Resampling.BILINEAR, reducing_gap=3.0)
+        return np.asarray(whole, dtype=np.uint8)
     width, height = image.size
     scale = resize / min(width, height)
     new_w, new_h = max(crop, round(width * scale)), max(crop, round(height * scale))
@@ -56,13 +67,13 @@ def preprocess(image: Image.Image, resize: int, crop: int) -> np.ndarray:
     return np.asarray(resized.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
 
 
-def preprocess_mask(mask: np.ndarray, resize: int, crop: int) -> np.ndarray:
-    """H x W bool mask -> crop x crop bool, transformed exactly like its image (`preprocess`)."""
+def preprocess_mask(mask: np.ndarray, resize: int, crop: int, framing: str = "crop") -> np.ndarray:
+    """H x W bool mask -> square bool mask, transformed exactly like its image (`preprocess`)."""
     from PIL import Image as PILImage
 
     image = PILImage.fromarray(mask.astype(np.uint8) * 255)
     # Resize as the image is resized, then binarise at half height: thin defects survive downscaling.
-    return preprocess(image.convert("RGB"), resize, crop)[..., 0] >= 128
+    return preprocess(image.convert("RGB"), resize, crop, framing)[..., 0] >= 128
 
 
 class Trunk:
@@ -133,7 +144,11 @@ def to_tensor(batch: Sequence[np.ndarray]) -> torch.Tensor:
 
 
 def embed(
-    feature_maps: Sequence[torch.Tensor], dim: int, reduction: str = "avgpool", seed: int = 0
+    feature_maps: Sequence[torch.Tensor],
+    dim: int,
+    reduction: str = "avgpool",
+    seed: int = 0,
+    weighting: str = "none",
 ) -> torch.Tensor:
     """Stage feature maps -> patch embeddings (paper §3.1).
 
@@ -146,6 +161,12 @@ def embed(
     - "random": the concatenation is multiplied by a seeded Gaussian matrix (Johnson-Lindenstrauss), which
       keeps Euclidean distances in expectation.
 
+    `weighting` "equal" scales each stage by sqrt(mean width / its width), where a stage's width is its
+    channel count after any pooling. Then each stage weighs in the squared distance as if it had the same
+    number of channels, as equal-share pooling arranges, but no channel is averaged away. "none" leaves
+    the stages as they are, so a stage with more channels weighs more. With equal-share pooling the
+    widths already match and the two agree.
+
     Returns B x H_0*W_0 x D with D = min(dim, sum C_l).
     """
     import torch
@@ -154,6 +175,7 @@ def embed(
     height, width = feature_maps[0].shape[-2:]
     total = sum(fmap.shape[1] for fmap in feature_maps)
     shares = _channel_shares(dim, len(feature_maps)) if total > dim and reduction == "avgpool" else None
+    widths = shares if shares is not None else [fmap.shape[1] for fmap in feature_maps]
     parts = []
     for index, fmap in enumerate(feature_maps):
         # Zero padding counts at the border, as the reference's unfold-and-average does; this measured
@@ -165,6 +187,8 @@ def embed(
         flat = fmap.permute(0, 2, 3, 1).reshape(batch * height * width, channels)  # B*H*W x C_l
         if shares is not None and channels != shares[index]:
             flat = F.adaptive_avg_pool1d(flat.unsqueeze(1), shares[index]).squeeze(1)
+        if weighting == "equal" and widths[index] * len(widths) != sum(widths):
+            flat = flat * float(np.sqrt(sum(widths) / len(widths) / widths[index]))
         parts.append(flat)
     out = torch.cat(parts, dim=1)
     if total > dim and reduction == "random":

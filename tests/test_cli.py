@@ -159,13 +159,28 @@ def test_config_file_and_cli_override(washer, tmp_path):
     assert json.loads(result.stdout)["config"]["coreset"] == 0.2
 
 
+def test_framing_and_stage_weighting_from_yaml_and_command_line(washer, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("framing: whole\nstage-weighting: none\n")
+    path = tmp_path / "b.st"
+    args = ["fit", washer / "train" / "good", "--out", path, *TINY_OPTIONS, "--config", config]
+    result = invoke(*args, "--stage-weighting", "equal", "--json")
+    assert result.exit_code == 0, result.output
+    stored = json.loads(result.stdout)["config"]
+    assert (stored["framing"], stored["stage_weighting"]) == ("whole", "equal")
+    scored = invoke("score", washer / "test", "--bank", path, "--json")
+    assert scored.exit_code == 0, scored.output
+    bad = invoke(*args, "--framing", "letterbox")
+    assert bad.exit_code == 2 and "framing must be one of crop, whole" in bad.stderr
+
+
 @pytest.mark.parametrize(
     ("yaml_text", "message"),
     [
         ("backbone: resnet18\ncorset: 0.1\n", "unknown key 'corset' (did you mean 'coreset'?)"),
         ("coreset: lots\n", "'coreset' must be a number"),
         ("coreset: -0.5\n", "coreset must be in (0, 1]"),
-        ("image_size: 128\ncrop: 256\n", "crop must be between 32 and image_size"),
+        ("framing: crop\nimage_size: 128\ncrop: 256\n", "crop must be between 32 and image_size"),
         ("- a\n- b\n", "must be a mapping"),
         ("backbone: [unclosed\n", "invalid YAML"),
     ],

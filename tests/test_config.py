@@ -56,8 +56,27 @@ def test_ensemble_members_share_everything_but_the_backbone():
         ({"index": "annoy"}, "index must be one of"),
         ({"image_size": 10000}, "image_size must be between 32 and 4096"),
         ({"layers": "layer9"}, "has no stage layer9"),
+        ({"framing": "letterbox"}, "framing must be one of crop, whole"),
+        ({"stage_weighting": "pca"}, "stage_weighting must be one of equal, none"),
+        ({"framing": "whole", "crop": 5000}, "crop must be between 32 and 4096, got 5000"),
+        ({"framing": "crop", "image_size": 200}, r"crop must be between 32 and image_size \(200\)"),
     ],
 )
 def test_invalid_values(overrides, message):
     with pytest.raises(ConfigError, match=message):
         config_mod.build(**overrides)
+
+
+def test_whole_framing_needs_no_room_to_crop():
+    # The whole image is resized to crop x crop; image_size is only the crop framing's first resize.
+    assert config_mod.build(framing="whole", image_size=200, crop=224).crop == 224
+
+
+def test_every_benchmark_config_is_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "bench" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        config = config_mod.build(path)
+        assert config.backbone.startswith(("efficientnet_lite", "wide_resnet50_2")), path

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from patchcore_cli import coreset
 from patchcore_cli.coreset import covering_radius, greedy_coreset, random_projection
 
 
@@ -250,3 +252,113 @@ def test_covering_radius_rejects_bad_selections() -> None:
     for selected in (np.array([], dtype=int), np.array([5]), np.array([-1]), np.array([0.5])):
         with pytest.raises(ValueError, match="selected"):
             covering_radius(features, selected)
+
+
+def run_batched_fallback(
+    points: np.ndarray, n_select: int, start: int, shuffle_seed: int | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The batched fallback from the state after the first pick, on rows shuffled as the search leaves them.
+
+    Returns the picks (original indices), the final squared distances (by original index) and the passes.
+    """
+    points = np.asarray(points, dtype=np.float32)
+    n = len(points)
+    orig = np.arange(n) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(n)
+    rows = np.ascontiguousarray(points[orig])
+    x = rows.astype(np.float64)
+    start_row = int(np.flatnonzero(orig == start)[0])
+    nearest = ((x - x[start_row]) ** 2).sum(axis=1)
+    order = np.empty(n_select, dtype=np.int64)
+    order[0] = start
+    is_center = np.zeros(n, dtype=np.bool_)
+    is_center[start] = True
+    centers = np.empty((n_select, points.shape[1]), dtype=np.float32)
+    centers[0] = rows[start_row]
+    passes = coreset._batched_greedy(rows, orig, nearest, centers, order, is_center, 1)
+    by_orig = np.empty(n)
+    by_orig[orig] = nearest
+    return order, by_orig, passes
+
+
+def fallback_data(kind: str) -> np.ndarray:
+    rng = np.random.default_rng(31)
+    if kind == "normal":
+        return rng.normal(size=(3000, 16)).astype(np.float32)
+    if kind == "ternary":  # 27 distinct points: ties everywhere, then only distance-0 ties remain
+        return rng.integers(-1, 2, size=(1500, 3)).astype(np.float32)
+    if kind == "binary":
+        return rng.integers(0, 2, size=(1000, 12)).astype(np.float32)
+    base = rng.normal(size=(400, 6)).astype(np.float32)  # "duplicates": every point three times
+    return np.concatenate([base, base[::-1], base])
+
+
+@pytest.mark.parametrize("kind", ["normal", "ternary", "binary", "duplicates"])
+@pytest.mark.parametrize("shuffle_seed", [None, 1])
+def test_batched_fallback_matches_brute_force(kind: str, shuffle_seed: int | None) -> None:
+    features = fallback_data(kind)
+    n_select = min(len(features), 1200)
+    order, _, passes = run_batched_fallback(features, n_select, start=7, shuffle_seed=shuffle_seed)
+    np.testing.assert_array_equal(order, brute_force_greedy(features, n_select, 7))
+    if kind == "normal":
+        assert passes < n_select / 8  # several picks per pass over the rows
+
+
+@pytest.mark.parametrize("n_select", [1, 2, 3, 37, 300, 1001])
+def test_batched_fallback_stops_anywhere_in_a_batch(n_select: int) -> None:
+    features = fallback_data("normal")
+    full = brute_force_greedy(features, 1001, 5)
+    order, _, _ = run_batched_fallback(features, n_select, start=5, shuffle_seed=2)
+    np.testing.assert_array_equal(order, full[:n_select])
+
+
+def test_batched_fallback_is_the_same_on_any_number_of_threads() -> None:
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two threads")
+    # More rows than one work item of a pass, so the rows are split between threads.
+    features = np.random.default_rng(32).normal(size=(3 * coreset._PASS_ROWS + 5, 24)).astype(np.float32)
+    features[::7] = features[3]  # duplicates, so ties cross the work items
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            results.append(run_batched_fallback(features, 1500, start=11, shuffle_seed=3))
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])  # bit for bit
+    np.testing.assert_array_equal(results[0][0], brute_force_greedy(features, 1500, 11))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_batch_pass_lowers_exactly_the_rows_a_center_comes_closer_to(offset: float) -> None:
+    # Small integers, so every distance is exact; far from the origin, the float32 dot products lose all
+    # precision and the bound must let every pair through. Half the rows sit exactly at their distance to
+    # a center: equal is not closer.
+    rng = np.random.default_rng(33)
+    points = (rng.integers(-3, 4, size=(5000, 20)) + offset).astype(np.float32)
+    centers = np.ascontiguousarray(points[rng.choice(5000, 40, replace=False)])
+    x = points.astype(np.float64)
+    exact = ((x[:, None, :] - centers[None].astype(np.float64)) ** 2).sum(axis=2)
+    nearest = np.where(np.arange(5000) % 2 == 0, exact[:, 17], exact.min(axis=1) + rng.integers(0, 3, 5000))
+    nearest[::11] = 0.0
+    expected = np.minimum(nearest, exact.min(axis=1))
+    norms = np.empty(5000)
+    coreset._row_norms(points, norms)
+    center_norms = np.empty(40)
+    coreset._row_norms(centers, center_norms)
+    n_blocks = -(-5000 // coreset._PASS_ROWS)
+    top = (
+        np.empty((n_blocks, 8)),
+        np.empty((n_blocks, 8), dtype=np.int64),
+        np.empty((n_blocks, 8), dtype=np.int64),
+    )
+    size = np.zeros(n_blocks, dtype=np.int64)
+    coreset._batch_pass(points, norms, centers, center_norms, 0, 40, nearest, np.arange(5000), *top, size)
+    np.testing.assert_array_equal(nearest, expected)
+    # The pass also returns the 8 rows first in greedy order of each block, rows at distance 0 left out.
+    for b in range(n_blocks):
+        lo, hi = b * coreset._PASS_ROWS, min((b + 1) * coreset._PASS_ROWS, 5000)
+        block = [r for r in range(lo, hi) if expected[r] > 0]
+        best = sorted(block, key=lambda r: (-expected[r], r))[:8]
+        assert sorted(top[2][b, : size[b]].tolist()) == sorted(best)

@@ -86,6 +86,61 @@ def test_mask_follows_the_image_transform():
     assert left == pytest.approx(62.5) and top == pytest.approx(12.5)
 
 
+def test_whole_framing_keeps_what_the_crop_cuts_off():
+    # A defect at the far right of a 2:1 image: the centre crop drops it, whole framing keeps it.
+    mask = np.zeros((100, 200), dtype=bool)
+    mask[40:60, 180:196] = True
+    image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).convert("RGB")
+    assert not preprocess_mask(mask, 64, 48).any()
+    whole = preprocess(image, 64, 48, "whole")
+    assert whole.shape == (48, 48, 3)
+    kept = preprocess_mask(mask, 64, 48, "whole")
+    np.testing.assert_array_equal(kept, whole[..., 0] >= 128)
+    rows, cols = np.nonzero(kept)
+    # x 180..196 of 200 -> 43.2..47.0 of 48; y 40..60 of 100 -> 19.2..28.8
+    assert cols.min() >= 42 and rows.min() >= 18 and rows.max() <= 29
+    assert crop_geometry((200, 100), 64, 48, "whole").box == (0.0, 0.0, 200.0, 100.0)
+
+
+def test_whole_framing_finds_a_defect_at_the_edge(tmp_path):
+    from patchcore_cli.report import map_to_original
+
+    # Wide good images (3:1); the defect sits at the far left, where a centre crop would not look.
+    rng = np.random.default_rng(1)
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(6):
+        base = np.full((64, 192, 3), 120.0) + rng.normal(0, 3, (64, 192, 3))
+        Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(good / f"{i}.png")
+    defect = np.full((64, 192, 3), 120.0) + rng.normal(0, 3, (64, 192, 3))
+    defect[20:44, 4:28] = (np.indices((24, 24)).sum(0) % 2 * 255)[..., None]
+    Image.fromarray(defect.clip(0, 255).astype(np.uint8)).save(tmp_path / "defect.png")
+    scores = {}
+    for framing in ("crop", "whole"):
+        config = config_mod.build(**{**TINY_CONFIG, "image_size": 64, "crop": 64, "framing": framing})
+        fitted = fit(list_images([good]), config)
+        assert fitted.bank.config["framing"] == framing
+        result = Scorer(fitted.bank).score_paths([tmp_path / "defect.png"], keep_maps=True)[0]
+        scores[framing] = result.score
+        full, inspected = map_to_original(result.anomaly_map, result.geometry)
+        if framing == "whole":
+            assert inspected.all() and full.shape == (64, 192)
+            row, col = np.unravel_index(np.argmax(full), full.shape)
+            assert 12 <= row <= 52 and col <= 40
+        else:
+            assert not inspected[:, :60].any()
+    assert scores["whole"] > scores["crop"]
+
+
+def test_banks_from_before_framing_and_weighting_keep_their_behaviour():
+    stored = config_mod.build(**TINY_CONFIG, framing="whole", stage_weighting="equal").model_dict()
+    assert config_mod.from_bank(stored).framing == "whole"
+    assert config_mod.from_bank(stored).stage_weighting == "equal"
+    del stored["framing"], stored["stage_weighting"]  # a bank written before these fields existed
+    old = config_mod.from_bank(stored)
+    assert (old.framing, old.stage_weighting) == ("crop", "none")
+
+
 def test_ensemble_bank_round_trips_and_scores(washer, tmp_path):
     from patchcore_cli import bank as bank_io
 
@@ -132,6 +187,32 @@ def test_three_stages_reduced_to_dim(washer, reduction):
         for stage in range(3):
             block = interior[..., 32 * stage : 32 * (stage + 1)]
             assert 10 * (stage + 1) < float(block.min()) and float(block.max()) < 10 * (stage + 1) + 1
+
+
+def test_equal_stage_weighting_balances_the_distance_without_losing_channels():
+    import torch
+
+    from patchcore_cli.features import embed
+
+    torch.manual_seed(0)
+    # Two stages of unit-variance noise, 40 and 112 channels, on the same grid.
+    maps = [torch.randn(4, 40, 8, 8), torch.randn(4, 112, 8, 8)]
+    plain = embed(maps, 1024).reshape(-1, 152)
+    equal = embed(maps, 1024, weighting="equal").reshape(-1, 152)
+    # Nothing is averaged away: each stage's columns are its plain columns times one factor.
+    np.testing.assert_allclose(equal[:, :40], plain[:, :40] * np.sqrt(76 / 40), rtol=1e-6)
+    np.testing.assert_allclose(equal[:, 40:], plain[:, 40:] * np.sqrt(76 / 112), rtol=1e-6)
+
+    def stage_shares(rows):
+        diff = (rows[1:] - rows[:-1]) ** 2
+        return float(diff[:, :40].sum()), float(diff[:, 40:].sum())
+
+    low, high = stage_shares(plain)
+    assert high > 2.5 * low  # unweighted, the wide stage dominates the distance
+    low, high = stage_shares(equal)
+    assert 0.8 < high / low < 1.25  # weighted, the two stages weigh about the same
+    # Pooled to equal shares, the widths already match: the weighting changes nothing.
+    np.testing.assert_array_equal(embed(maps, 96, weighting="equal").numpy(), embed(maps, 96).numpy())
 
 
 def test_fit_with_three_layers_and_random_reduction(washer):

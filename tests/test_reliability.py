@@ -476,9 +476,9 @@ BANKS = [
     ("config-wrong-type", _resaved(_config(crop="big")), [], ["config stored in the bank", "'crop'"]),
     (
         "config-invalid-value",
-        _resaved(_config(crop=4096)),
+        _resaved(_config(crop=5000)),
         [],
-        ["config stored in the bank", "crop must be between"],
+        ["config stored in the bank", "crop must be between 32 and 4096, got 5000"],
     ),
     ("config-unknown-backbone", _resaved(_config(backbone="resnet9000")), [], ["unknown backbone"]),
     (
@@ -519,7 +519,7 @@ CONFIGS = [
     pytest.param("layers: 3\n", ["'layers' must be a list"], id="wrong-type-layers"),
     pytest.param("coreset: -0.1\n", ["coreset must be in (0, 1], got -0.1"], id="negative-coreset"),
     pytest.param(
-        "image_size: 64\ncrop: 128\n",
+        "framing: crop\nimage_size: 64\ncrop: 128\n",
         ["crop must be between 32 and image_size"],
         id="crop-larger-than-resize",
     ),
@@ -555,7 +555,7 @@ def test_missing_config_file_is_exit_2(few_good, tmp_path):
 @pytest.mark.parametrize(
     ("options", "fragments"),
     [
-        (["--crop", "512"], ["crop must be between 32 and image_size (40), got 512"]),
+        (["--framing", "crop", "--crop", "512"], ["crop must be between 32 and image_size (40), got 512"]),
         (["--coreset", "0"], ["coreset must be in (0, 1], got 0.0"]),
         (["--layers", "layer9"], ["backbone resnet18 has no stage layer9"]),
     ],
