@@ -157,7 +157,7 @@ WeightingOpt = Annotated[
     typer.Option(
         "--stage-weighting",
         help="equal: every stage weighs the same in the distance, whatever its channel count; "
-        "none: each channel counts once. Default equal.",
+        "none: each channel counts once. Default none.",
     ),
 ]
 FramingOpt = Annotated[

@@ -36,7 +36,7 @@ class FitConfig:
     crop: int = 224  # ... and centre-crop to 224. Either way, the side of the square the backbone sees
     dim: int = 1024  # reference implementation's target embedding dimension
     reduction: str = "avgpool"  # how to reach `dim` when the stages have more channels
-    stage_weighting: str = "equal"  # each stage weighs the same in the distance, whatever its width
+    stage_weighting: str = "none"  # "equal": each stage weighs the same in the distance, whatever its width
     coreset: float = 0.1  # paper §4.2: PatchCore-10%
     projection_dim: int = 128  # paper §3.2: random projection for coreset distances
     seed: int = 42
