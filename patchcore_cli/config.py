@@ -14,9 +14,11 @@ from patchcore_cli.errors import ConfigError
 PRECISIONS = ("fp32", "bf16")
 INDEXES = ("exact", "faiss", "hnsw")  # see scoring.NearestNeighbours
 # Bundles of options chosen from measurements (README, "Benchmark results"). CLI and YAML override them.
+# Each pins what was measured, so a later change of defaults does not change a preset.
+_MEASURED = {"backbone": "efficientnet_lite0", "framing": "whole", "stage_weighting": "none"}
 PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {"backbone": "efficientnet_lite0", "coreset": 0.01},
-    "accurate": {"backbone": "efficientnet_lite0", "image_size": 320, "crop": 288},
+    "fast": {**_MEASURED, "coreset": 0.01},
+    "accurate": {**_MEASURED, "stage_weighting": "equal"},
 }
 MAX_IMAGE_SIZE = 4096  # a bank or config asking for more is refused before any image is resized
 REDUCTIONS = ("avgpool", "random")  # see features.embed

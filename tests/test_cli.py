@@ -174,6 +174,19 @@ def test_framing_and_stage_weighting_from_yaml_and_command_line(washer, tmp_path
     assert bad.exit_code == 2 and "framing must be one of crop, whole" in bad.stderr
 
 
+def test_preset_is_recorded_in_the_bank_and_options_override_it(washer, tmp_path):
+    path = tmp_path / "b.st"
+    result = invoke(
+        "fit", washer / "train" / "good", "--out", path, *TINY_OPTIONS, "--preset", "accurate", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    stored = json.loads(result.stdout)["config"]
+    # The preset's framing and weighting reach the bank; the command line's backbone and crop win over it.
+    assert (stored["framing"], stored["stage_weighting"]) == ("whole", "equal")
+    assert (stored["backbone"], stored["crop"]) == ("resnet18", 64)
+    assert invoke("score", washer / "test", "--bank", path, "--json").exit_code == 0
+
+
 @pytest.mark.parametrize(
     ("yaml_text", "message"),
     [

@@ -31,12 +31,13 @@ def test_preset_then_yaml_then_command_line(tmp_path):
     assert config_mod.build(yaml_file).backbone == "efficientnet_lite0"
     assert config_mod.build(yaml_file, coreset=0.2).coreset == 0.2
     accurate = config_mod.build(yaml_file, preset="accurate")
-    assert (accurate.backbone, accurate.image_size, accurate.crop, accurate.coreset) == (
+    assert (accurate.backbone, accurate.framing, accurate.stage_weighting, accurate.coreset) == (
         "efficientnet_lite0",
-        320,
-        288,
+        "whole",
+        "equal",
         0.05,
     )
+    assert config_mod.build(preset="accurate", stage_weighting="none").stage_weighting == "none"
 
 
 def test_unknown_preset():
