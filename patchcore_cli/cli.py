@@ -562,7 +562,7 @@ def _run_benchmark(
     if as_json:
         print(json.dumps(data))
         return
-    for table in report.benchmark_tables(results, columns):
+    for table in report.benchmark_tables(results, columns, width=out.width):
         out.print(table)
     out.print(report.timing_table(results))
     if profile:

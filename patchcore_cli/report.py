@@ -225,12 +225,33 @@ def metric_grid(rows: Sequence[Any], metric: str, columns: Sequence[str]) -> lis
     return grid
 
 
-def benchmark_tables(rows: Sequence[Any], columns: Sequence[str]) -> list[Table]:
+def benchmark_tables(rows: Sequence[Any], columns: Sequence[str], width: int | None = None) -> list[Table]:
+    """One table per metric: Avg, then every column in order (n/a where it did not run).
+
+    When the tables would not fit in `width` characters, columns with no results are left out (and the
+    first table says so), so that no number is cut short. results.md always keeps every column.
+    """
+    from rich.console import Console
+
+    tables = _metric_tables(rows, columns)
+    ran = [column for column in columns if any(r.dataset == column for r in rows)]
+    if width is None or len(ran) == len(columns):
+        return tables
+    probe = Console(width=100_000)
+    if all(probe.measure(table).maximum <= width for table in tables):
+        return tables
+    tables = _metric_tables(rows, ran)
+    left_out = len(columns) - len(ran)
+    tables[0].caption = f"{left_out} columns without results left out to fit; results.md has all"
+    return tables
+
+
+def _metric_tables(rows: Sequence[Any], columns: Sequence[str]) -> list[Table]:
     from rich.table import Table
 
     tables = []
     for metric, title in BENCHMARK_METRICS:
-        table = Table(title=title, title_justify="left")
+        table = Table(title=title, title_justify="left", caption_justify="left")
         table.add_column("backbone / config")
         for header in ("Avg", *map(display_name, columns)):
             table.add_column(header, justify="right")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 from typer.testing import CliRunner
 
 from patchcore_cli.cli import app
-from patchcore_cli.report import metric_grid
+from patchcore_cli.report import benchmark_tables, metric_grid
 from tests.conftest import TINY_OPTIONS
 
 runner = CliRunner()
@@ -102,6 +103,28 @@ def test_avg_column_averages_only_the_categories_that_ran():
     grid = dict(metric_grid(rows, "image_auroc", ["carpet", "bottle", "screw"]))
     assert grid["a"][0] == pytest.approx(0.75) and grid["b"][0] == pytest.approx(0.9)
     assert grid["a"][1] != grid["a"][1]  # carpet did not run: NaN, shown as n/a
+
+
+def _rendered(table, width):
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(table)
+    return console.export_text()
+
+
+def test_narrow_terminal_drops_empty_columns_instead_of_cutting_numbers():
+    rows = [Row("efficientnet_lite0 [lite0-whole288-equal]", "bottle", 0.98765)]
+    columns = ["carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut"]
+    columns += ["metal_nut", "pill", "screw", "toothbrush", "transistor", "zipper"]
+    wide = benchmark_tables(rows, columns, width=300)
+    assert len(wide[0].columns) == 17 and "0.988" in _rendered(wide[0], 300)
+    narrow = benchmark_tables(rows, columns, width=80)
+    text = _rendered(narrow[0], 80)
+    assert [c.header for c in narrow[0].columns] == ["backbone / config", "Avg", "Bottle"]
+    assert text.count("0.988") == 2 and "14 columns without results left out" in text
+    # The full table squeezed into 80 columns would have cut the numbers short.
+    assert "0.988" not in _rendered(wide[0], 80)
 
 
 def test_profile_prints_stages_against_the_bare_forward_pass(mvtec_like):
