@@ -681,14 +681,22 @@ def _heap_push(val: np.ndarray, org: np.ndarray, row: np.ndarray, size: int, v: 
         org[k] = o
         row[k] = r
         return size + 1
-    if not _ranks_below(val[0], org[0], v, o):
-        return size
+    if _ranks_below(val[0], org[0], v, o):
+        _sift_down(val, org, row, cap, v, o, r)
+    return size
+
+
+@numba.njit(cache=True, inline="always")
+def _sift_down(
+    val: np.ndarray, org: np.ndarray, row: np.ndarray, size: int, v: float, o: int, r: int
+) -> None:
+    # Put entry (v, o, r) in place of the root of the heap's first `size` entries.
     k = 0
     while True:
         child = 2 * k + 1
-        if child >= cap:
+        if child >= size:
             break
-        if child + 1 < cap and _ranks_below(val[child + 1], org[child + 1], val[child], org[child]):
+        if child + 1 < size and _ranks_below(val[child + 1], org[child + 1], val[child], org[child]):
             child += 1
         if not _ranks_below(val[child], org[child], v, o):
             break
@@ -699,7 +707,6 @@ def _heap_push(val: np.ndarray, org: np.ndarray, row: np.ndarray, size: int, v: 
     val[k] = v
     org[k] = o
     row[k] = r
-    return size
 
 
 @numba.njit(cache=True)
@@ -718,26 +725,7 @@ def _merge_top(
     # Pop the root (the last in greedy order) into the back of `out`.
     for q in range(size - 1, -1, -1):
         out[q] = row[0]
-        last = q
-        v = val[last]
-        o = org[last]
-        r = row[last]
-        k = 0
-        while True:
-            child = 2 * k + 1
-            if child >= last:
-                break
-            if child + 1 < last and _ranks_below(val[child + 1], org[child + 1], val[child], org[child]):
-                child += 1
-            if not _ranks_below(val[child], org[child], v, o):
-                break
-            val[k] = val[child]
-            org[k] = org[child]
-            row[k] = row[child]
-            k = child
-        val[k] = v
-        org[k] = o
-        row[k] = r
+        _sift_down(val, org, row, q, val[q], org[q], row[q])
     return size
 
 
