@@ -256,25 +256,7 @@ def fit(
     from patchcore_cli.data import list_images
     from patchcore_cli.engine import fit as run_fit
 
-    config = config_mod.build(
-        config_file,
-        preset=preset,
-        backbone=backbone,
-        weights=weights,
-        layers=layers,
-        coreset=coreset,
-        dim=dim,
-        reduction=reduction,
-        stage_weighting=stage_weighting,
-        image_size=image_size,
-        framing=framing,
-        crop=crop,
-        seed=seed,
-        batch_size=batch_size,
-        threads=threads,
-        index=index,
-        precision=precision,
-    )
+    config = config_mod.build(config_file, preset=preset, backbone=backbone, **_fit_overrides(locals()))
     paths = list_images(inputs)
     bank_io.check_destination(out_path)  # a mistyped --out fails now, not after the whole fit
     _warn_random(config.weights == "random")
@@ -570,7 +552,7 @@ def _run_benchmark(
             out.print(table)
 
 
-# The fit options that `benchmark` passes on to every row, when given.
+# The fit options that `fit` and `benchmark` (for every row) take from the command line, when given.
 _FIT_OPTIONS = (
     "seed",
     "weights",
@@ -590,7 +572,7 @@ _FIT_OPTIONS = (
 
 
 def _fit_overrides(options: dict[str, Any]) -> dict[str, Any]:
-    """The fit options given on a benchmark command line (its `locals()`), for `config.build`."""
+    """The fit options given on a command line (the command's `locals()`), for `config.build`."""
     return {key: options[key] for key in _FIT_OPTIONS if options.get(key) is not None}
 
 

@@ -606,22 +606,14 @@ def _batch_pass(
                     e1 += x1 * e
                     e2 += x2 * e
                     e3 += x3 * e
-                if not _skips(norms[r], center_norms[j], s0, nearest[r], shrink, floor):
-                    _relax(points, r, centers, j, nearest)
-                if not _skips(norms[r + 1], center_norms[j], s1, nearest[r + 1], shrink, floor):
-                    _relax(points, r + 1, centers, j, nearest)
-                if not _skips(norms[r + 2], center_norms[j], s2, nearest[r + 2], shrink, floor):
-                    _relax(points, r + 2, centers, j, nearest)
-                if not _skips(norms[r + 3], center_norms[j], s3, nearest[r + 3], shrink, floor):
-                    _relax(points, r + 3, centers, j, nearest)
-                if not _skips(norms[r], center_norms[k], e0, nearest[r], shrink, floor):
-                    _relax(points, r, centers, k, nearest)
-                if not _skips(norms[r + 1], center_norms[k], e1, nearest[r + 1], shrink, floor):
-                    _relax(points, r + 1, centers, k, nearest)
-                if not _skips(norms[r + 2], center_norms[k], e2, nearest[r + 2], shrink, floor):
-                    _relax(points, r + 2, centers, k, nearest)
-                if not _skips(norms[r + 3], center_norms[k], e3, nearest[r + 3], shrink, floor):
-                    _relax(points, r + 3, centers, k, nearest)
+                _lower(points, norms, r, centers, center_norms, j, s0, nearest, shrink, floor)
+                _lower(points, norms, r + 1, centers, center_norms, j, s1, nearest, shrink, floor)
+                _lower(points, norms, r + 2, centers, center_norms, j, s2, nearest, shrink, floor)
+                _lower(points, norms, r + 3, centers, center_norms, j, s3, nearest, shrink, floor)
+                _lower(points, norms, r, centers, center_norms, k, e0, nearest, shrink, floor)
+                _lower(points, norms, r + 1, centers, center_norms, k, e1, nearest, shrink, floor)
+                _lower(points, norms, r + 2, centers, center_norms, k, e2, nearest, shrink, floor)
+                _lower(points, norms, r + 3, centers, center_norms, k, e3, nearest, shrink, floor)
             for q in range(r, r + 4):
                 if nearest[q] > 0.0:
                     size = _heap_push(val, org, row, size, nearest[q], orig[q], q)
@@ -630,11 +622,30 @@ def _batch_pass(
                 s0 = np.float32(0.0)
                 for u in range(d):
                     s0 += points[r, u] * centers[j, u]
-                if not _skips(norms[r], center_norms[j], s0, nearest[r], shrink, floor):
-                    _relax(points, r, centers, j, nearest)
+                _lower(points, norms, r, centers, center_norms, j, s0, nearest, shrink, floor)
             if nearest[r] > 0.0:
                 size = _heap_push(val, org, row, size, nearest[r], orig[r], r)
         top_size[b] = size
+
+
+@numba.njit(cache=True, inline="always")
+def _lower(
+    points: np.ndarray,
+    norms: np.ndarray,
+    r: int,
+    centers: np.ndarray,
+    center_norms: np.ndarray,
+    j: int,
+    dot: np.float32,
+    nearest: np.ndarray,
+    shrink: float,
+    floor: float,
+) -> None:
+    # The plain loop's update of row r for center j, unless the float32 `dot` rules it out.
+    if not _skips(norms[r], center_norms[j], dot, nearest[r], shrink, floor):
+        d2 = _sqdist(points, r, centers, j)
+        if d2 < nearest[r]:
+            nearest[r] = d2
 
 
 @numba.njit(cache=True, inline="always")
@@ -646,14 +657,6 @@ def _skips(
     # pair would cost more than the dot.
     g = np.float64(dot)
     return nearest <= 0.0 or (abs(g) <= 3.4e38 and (norm + center_norm) * shrink - 2.0 * g - floor >= nearest)
-
-
-@numba.njit(cache=True)
-def _relax(points: np.ndarray, r: int, centers: np.ndarray, j: int, nearest: np.ndarray) -> None:
-    # The plain loop's update of row r for center j.
-    d2 = _sqdist(points, r, centers, j)
-    if d2 < nearest[r]:
-        nearest[r] = d2
 
 
 @numba.njit(cache=True)

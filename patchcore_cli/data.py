@@ -570,10 +570,15 @@ def _real_paths(paths: Sequence[Path]) -> set[str]:
     return {os.path.realpath(path) for path in paths}
 
 
-def _same_type_first(mask_dirs: Sequence[Path], defect_type: str) -> list[Path]:
-    """Mask folders named like the defect type first: with `--masks gt/crack --masks gt/hole`, the crack
+def _generic_mask(
+    image: Path, mask_dirs: Sequence[Path], defect_type: str, require_masks: bool
+) -> Path | None:
+    """A defect image's mask in the generic layout: in `mask_dirs`, then beside the image.
+
+    Mask folders named like the defect type come first: with `--masks gt/crack --masks gt/hole`, the crack
     image `000.png` must get `gt/crack/000_mask.png`, not the hole's mask of the same name."""
-    return sorted(mask_dirs, key=lambda folder: Path(folder).name != defect_type)
+    same_type_first = sorted(mask_dirs, key=lambda folder: Path(folder).name != defect_type)
+    return _require_mask(image, [*same_type_first, image.parent], require_masks)
 
 
 def folder_split(
@@ -617,9 +622,7 @@ def folder_split(
                 continue
             seen.add(real)
             defect_type = defect_type_name(Path(item) if given_folder else image.parent)
-            mask = _require_mask(
-                image, [*_same_type_first(mask_dirs, defect_type), image.parent], require_masks
-            )
+            mask = _generic_mask(image, mask_dirs, defect_type, require_masks)
             test.append(Sample(image, 1, defect_type, mask))
     defect_real = _real_paths([sample.path for sample in test if sample.label == 1])
     if overlap := defect_real & _real_paths([*good_images, *train_images]):
@@ -639,14 +642,7 @@ def test_split(
         for image in list_images([item]):
             defect_type = defect_type_name(Path(item) if given_folder else image.parent)
             test.append(
-                Sample(
-                    image,
-                    1,
-                    defect_type,
-                    _require_mask(
-                        image, [*_same_type_first(mask_dirs, defect_type), image.parent], require_masks
-                    ),
-                )
+                Sample(image, 1, defect_type, _generic_mask(image, mask_dirs, defect_type, require_masks))
             )
     overlap = _real_paths([s.path for s in test if s.label == 0]) & _real_paths(
         [s.path for s in test if s.label == 1]
