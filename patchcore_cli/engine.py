@@ -345,30 +345,54 @@ def leave_one_out(
 
     That is how a new good image meets the bank, so these are honest good-image statistics without
     holding images back from the bank. A seeded sample of up to `calibration_images` images is used.
+    The exact index is built once and each image's queries skip its own rows; the approximate indexes
+    cannot skip rows, so they are rebuilt without them per image.
     Returns (C scores, C x crop x crop maps); an image that supplied the whole bank gets NaN.
     """
     import torch
 
     from patchcore_cli.scoring import NearestNeighbours, anomaly_map, image_score
 
-    n_images = per_image.shape[0]
+    n_images, n_patches, dim = per_image.shape
     rng = np.random.default_rng(config.seed)
     chosen = np.sort(rng.permutation(n_images)[: min(n_images, config.calibration_images)])
     progress.start("calibration", len(chosen))
     scores = np.full(len(chosen), np.nan)
-    maps = np.zeros((len(chosen), config.crop, config.crop), dtype=np.float32)
-    for row, index in enumerate(chosen):
-        keep = source_image != index
-        if keep.any():
-            search = NearestNeighbours(memory_bank[keep], config.index)
-            distances, nearest = search.search(per_image[index], 1)
-            scores[row] = image_score(
-                per_image[index], distances[:, 0], nearest[:, 0], search, config.num_neighbors
-            )
-            patch_map = torch.from_numpy(distances[:, 0].reshape(1, grid, grid).astype(np.float32))
-            maps[row] = anomaly_map(patch_map, config.crop, config.sigma)[0].numpy()
-        progress.advance()
-    return scores, maps
+    patch_maps = np.zeros((len(chosen), n_patches), dtype=np.float32)
+    shared = NearestNeighbours(memory_bank, "exact", source_image) if config.index == "exact" else None
+    for lo in range(0, len(chosen), config.batch_size):
+        batch = chosen[lo : lo + config.batch_size]
+        if shared is not None:
+            skip = np.repeat(batch, n_patches)
+            found = shared.search(per_image[batch].reshape(-1, dim), 1, skip)
+            distances = found[0][:, 0].reshape(len(batch), n_patches)
+            nearest = found[1][:, 0].reshape(len(batch), n_patches)
+            searches = [shared] * len(batch)
+            skips: list[int | None] = [int(index) for index in batch]
+        else:
+            distances = np.empty((len(batch), n_patches), np.float32)
+            nearest = np.empty((len(batch), n_patches), np.int64)
+            searches, skips = [], []
+            for row, index in enumerate(batch):
+                keep = source_image != index
+                search = NearestNeighbours(memory_bank[keep], config.index) if keep.any() else None
+                if search is not None:
+                    found_d, found_i = search.search(per_image[index], 1)
+                    distances[row], nearest[row] = found_d[:, 0], found_i[:, 0]
+                else:
+                    distances[row] = np.inf
+                searches.append(search)
+                skips.append(None)
+        for row, index in enumerate(batch):
+            if searches[row] is not None and np.isfinite(distances[row]).all():
+                scores[lo + row] = image_score(
+                    per_image[index], distances[row], nearest[row], searches[row], config.num_neighbors,
+                    skips[row],
+                )  # fmt: skip
+                patch_maps[lo + row] = distances[row]
+        progress.advance(len(batch))
+    maps = anomaly_map(torch.from_numpy(patch_maps.reshape(-1, grid, grid)), config.crop, config.sigma)
+    return scores, maps.numpy()
 
 
 def calibrate(scores: np.ndarray, maps: np.ndarray, k: float) -> dict[str, Any]:
@@ -541,43 +565,61 @@ class Scorer:
         extractors = [part.extractor for part in self.parts]
         limit = max_pixels or DEFAULT_MAX_PIXELS
         for decoded, embeddings in embed_paths(paths, extractors, self.timings, progress, limit, skip_bad):
-            row = 0
+            scored = iter(
+                self._score_batch([item for item in decoded if item.error is None], embeddings, keep_maps)
+            )
             for item in decoded:
                 if item.error is not None:
                     result = ScoreResult(item.path, error=item.error.problem)
                 else:
-                    result = self._score_one(item, [member[row] for member in embeddings], keep_maps)
-                    row += 1
+                    result = next(scored)
                 results.append(result)
                 if on_result is not None:
                     on_result(result)
         return results
 
-    def _score_one(self, item: Decoded, patches: list[np.ndarray], keep_maps: bool) -> ScoreResult:
+    def _score_batch(
+        self, items: list[Decoded], embeddings: list[np.ndarray], keep_maps: bool
+    ) -> list[ScoreResult]:
+        """Score a batch: per backbone, one search over all the batch's patches (B x P x D each)."""
         import torch
 
         from patchcore_cli.scoring import anomaly_map, image_score
 
-        score, amap = 0.0, None
-        for part, part_patches in zip(self.parts, patches, strict=True):
+        if not items:
+            return []
+        scores = np.zeros(len(items))
+        maps = None
+        for part, patches in zip(self.parts, embeddings, strict=True):
+            count, per_image, dim = patches.shape
             with self.timings.stage("nearest-neighbour search"):
-                distances, nearest = part.search.search(part_patches, 1)
-                raw = image_score(
-                    part_patches, distances[:, 0], nearest[:, 0], part.search, part.config.num_neighbors
+                distances, nearest = part.search.search(patches.reshape(-1, dim), 1)
+                distances = distances[:, 0].reshape(count, per_image)
+                nearest = nearest[:, 0].reshape(count, per_image)
+                raw = np.array(
+                    [
+                        image_score(
+                            patches[i], distances[i], nearest[i], part.search, part.config.num_neighbors
+                        )
+                        for i in range(count)
+                    ]
                 )
-            score += part.standard.image(raw) / len(self.parts)
+            scores += part.standard.image(raw) / len(self.parts)
             if keep_maps:
                 with self.timings.stage("map upsample + blur"):
                     grid = part.extractor.grid
-                    patch_map = torch.from_numpy(distances[:, 0].reshape(1, grid, grid).astype(np.float32))
-                    part_map = anomaly_map(patch_map, self.config.crop, self.config.sigma)[0].numpy()
-                    part_map = part.standard.pixel(part_map) / len(self.parts)
-                    amap = part_map if amap is None else amap + part_map
-        return ScoreResult(
-            path=item.path,
-            score=score,
-            normalized=self.normalize(score),
-            anomalous=score >= self.threshold,
-            anomaly_map=amap,
-            geometry=item.geometry,
-        )
+                    patch_maps = torch.from_numpy(distances.reshape(count, grid, grid))
+                    part_maps = anomaly_map(patch_maps, self.config.crop, self.config.sigma).numpy()
+                    part_maps = part.standard.pixel(part_maps) / len(self.parts)
+                    maps = part_maps if maps is None else maps + part_maps
+        return [
+            ScoreResult(
+                path=item.path,
+                score=float(score),
+                normalized=self.normalize(float(score)),
+                anomalous=bool(score >= self.threshold),
+                anomaly_map=None if maps is None else maps[i],
+                geometry=item.geometry,
+            )
+            for i, (item, score) in enumerate(zip(items, scores, strict=True))
+        ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,32 +17,25 @@ NUM_NEIGHBORS = 9  # paper eq. 7: b = 9 bank neighbours of m* for the reweightin
 class NearestNeighbours:
     """Nearest-neighbour search over a bank; every distance returned is Euclidean (paper eq. 6).
 
-    - "exact" (default): the faster of two exact searches for the bank's width. Up to TORCH_MAX_DIM
-      dimensions, blocked matrix products in torch, |q|^2 + |m|^2 - 2 q.m with a running top-k per block,
-      so the Q x M distance matrix never exists at once. Wider banks go to faiss IndexFlatL2. Measured
-      on 2 cores, 784 queries: 16k x 152 torch 44 ms / faiss 62 ms; 37k x 152 95 / 305 ms; 16k x 1024
-      169 / 129 ms.
-    - "faiss": faiss IndexFlatL2, exact, whatever the width.
+    - "exact" (default): `search.ClusterIndex`, which prunes the bank by its own cluster structure and a
+      principal-axes bound and returns exactly the brute-force answer (ties to the lowest row) with a few
+      percent of the work. k > 1 (paper eq. 7 asks for b neighbours of one row per image) is brute force.
+    - "faiss": faiss IndexFlatL2, exact brute force.
     - "hnsw": faiss IndexHNSWFlat (M = 32, efSearch = 64), approximate; its recall against the exact
       search is reported by `patchcore benchmark --profile`.
+
+    sources: optional M ids (the training image each row came from). With the exact method, `search(...,
+    skip=ids)` then leaves out, for each query, the rows of its id: calibration scores a training image
+    against the bank without its own patches without building a second index.
     """
 
-    BLOCK = 8192  # bank rows per matrix product: a Q x BLOCK float32 block stays in cache-friendly sizes
-    TORCH_MAX_DIM = 512  # above this, faiss's IndexFlatL2 measured faster (see the class docstring)
-
-    def __init__(self, bank: np.ndarray, method: str = "exact") -> None:
-        import torch
+    def __init__(self, bank: np.ndarray, method: str = "exact", sources: np.ndarray | None = None) -> None:
+        from patchcore_cli.search import ClusterIndex
 
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)  # M x D
-        if method == "exact" and self.bank.shape[1] > self.TORCH_MAX_DIM:
-            method = "faiss"
         self.method = method
         if method == "exact":
-            with warnings.catch_warnings():
-                # A loaded bank is a read-only memory map; it is only ever read, so share it, don't copy.
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                self._bank_t = torch.from_numpy(self.bank)
-            self._norms = (self._bank_t * self._bank_t).sum(1)  # M
+            self.index = ClusterIndex(self.bank, sources)
         else:
             import faiss
 
@@ -55,38 +47,26 @@ class NearestNeighbours:
                 self.index = faiss.IndexFlatL2(self.bank.shape[1])
             self.index.add(self.bank)
 
-    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Q x D queries -> (Q x k Euclidean distances, Q x k bank indices), nearest first."""
+    def search(
+        self, queries: np.ndarray, k: int = 1, skip: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Q x D queries -> (Q x k Euclidean distances, Q x k bank indices), nearest first.
+
+        skip: Q source ids whose rows each query ignores (exact method only); a negative id skips
+        nothing. Where fewer than k rows remain, the missing entries are inf and -1.
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(k, self.bank.shape[0])
         if self.method != "exact":
+            if skip is not None:
+                raise ValueError(f"the {self.method} index cannot leave rows out; use the exact index")
             squared, indices = self.index.search(queries, k)
+        elif k == 1:
+            squared, nearest = self.index.nearest(queries, skip)
+            squared, indices = squared[:, None], nearest[:, None]
         else:
-            squared, indices = self._exact(queries, k)
-        return np.sqrt(np.maximum(squared, 0.0)), indices
-
-    def _exact(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        q = torch.from_numpy(queries)
-        best_d = best_i = None
-        with torch.inference_mode():
-            for start in range(0, self.bank.shape[0], self.BLOCK):
-                block = self._bank_t[start : start + self.BLOCK]
-                # Q x B squared distances minus |q|^2, which does not change the ranking.
-                partial = torch.addmm(
-                    self._norms[start : start + self.BLOCK][None, :], q, block.T, alpha=-2.0
-                )
-                values, index = torch.topk(partial, min(k, partial.shape[1]), dim=1, largest=False)
-                index += start
-                if best_d is None:
-                    best_d, best_i = values, index
-                else:
-                    merged_d, merged_i = torch.cat([best_d, values], 1), torch.cat([best_i, index], 1)
-                    best_d, order = torch.topk(merged_d, k, dim=1, largest=False)
-                    best_i = torch.gather(merged_i, 1, order)
-            best_d = best_d + (q * q).sum(1, keepdim=True)
-        return best_d.numpy(), best_i.numpy()
+            squared, indices = self.index.neighbours(queries, k, skip)
+        return np.sqrt(np.maximum(squared, 0.0)).astype(np.float32), indices
 
 
 def image_score(
@@ -95,6 +75,7 @@ def image_score(
     nearest: np.ndarray,
     search: NearestNeighbours,
     num_neighbors: int = NUM_NEIGHBORS,
+    skip: int | None = None,
 ) -> float:
     """Image anomaly score from one image's patch scores (paper eq. 6-7).
 
@@ -102,14 +83,17 @@ def image_score(
     P bank indices. s* is the largest patch score. With `num_neighbors` b > 1 it is reweighted by eq. 7:
     w = 1 - exp(|m_test* - m*|) / sum over the b nearest bank neighbours m of m* of exp(|m_test* - m|),
     so an outlier patch whose bank match sits in a sparse region of the bank counts for more.
+    skip: a source id whose bank rows are left out (calibration; see NearestNeighbours).
     """
     worst = int(np.argmax(distances))
     score = float(distances[worst])
     if num_neighbors <= 1:
         return score
     m_star = search.bank[nearest[worst]]
-    _, neighbours = search.search(m_star[None, :], num_neighbors)  # N_b(m*), m* itself first
-    gaps = np.linalg.norm(search.bank[neighbours[0]] - patches[worst][None, :], axis=1).astype(np.float64)
+    skips = None if skip is None else np.array([skip])
+    _, neighbours = search.search(m_star[None, :], num_neighbors, skips)  # N_b(m*), m* itself first
+    found = neighbours[0][neighbours[0] >= 0]
+    gaps = np.linalg.norm(search.bank[found] - patches[worst][None, :], axis=1).astype(np.float64)
     gaps[0] = score  # |m_test* - m*| exactly as eq. 6 measured it
     softmax = np.exp(gaps - gaps.max())
     softmax /= softmax.sum()

@@ -51,15 +51,13 @@ def test_anomaly_map_keeps_the_peak_where_the_patch_is():
 
 
 @pytest.mark.parametrize("k", [1, 4])
-def test_blocked_exact_search_equals_faiss(monkeypatch, k):
+def test_exact_search_equals_faiss(k):
     rng = np.random.default_rng(1)
     bank, queries = (
         rng.normal(size=(300, 20)).astype(np.float32),
         rng.normal(size=(40, 20)).astype(np.float32),
     )
-    monkeypatch.setattr(NearestNeighbours, "BLOCK", 64)  # several blocks, and a ragged last one
     ours, theirs = NearestNeighbours(bank, "exact"), NearestNeighbours(bank, "faiss")
-    assert ours.method == "exact"  # 20 dims: the torch path really ran
     (d1, i1), (d2, i2) = ours.search(queries, k), theirs.search(queries, k)
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_allclose(d1, d2, rtol=1e-5)
@@ -75,6 +73,19 @@ def test_hnsw_finds_most_true_neighbours():
     assert (exact == approx).mean() > 0.9
 
 
-def test_wide_banks_use_faiss_for_the_exact_search():
-    bank = np.random.default_rng(0).normal(size=(10, NearestNeighbours.TORCH_MAX_DIM + 1)).astype(np.float32)
-    assert NearestNeighbours(bank, "exact").method == "faiss"
+def test_wide_banks_are_searched_exactly():
+    rng = np.random.default_rng(0)
+    bank, queries = (
+        rng.normal(size=(200, 1024)).astype(np.float32),
+        rng.normal(size=(9, 1024)).astype(np.float32),
+    )
+    distances, indices = NearestNeighbours(bank, "exact").search(queries, 1)
+    brute = np.linalg.norm(queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64), axis=2)
+    np.testing.assert_array_equal(indices[:, 0], brute.argmin(1))
+    np.testing.assert_allclose(distances[:, 0], brute.min(1), rtol=1e-6)
+
+
+def test_skip_is_for_the_exact_index_only():
+    bank = np.zeros((4, 3), np.float32)
+    with pytest.raises(ValueError, match="cannot leave rows out"):
+        NearestNeighbours(bank, "faiss").search(bank, 1, np.zeros(4, np.int64))

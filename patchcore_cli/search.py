@@ -1,0 +1,348 @@
+"""Exact nearest-neighbour search over a memory bank, pruned by the bank's own structure.
+
+Brute force compares every query patch with every bank row: at 224 px with `efficientnet_lite0` that is
+784 x 16,386 x 152 multiply-adds per image, about 40 ms on two cores, and it grows with the fourth power
+of the image side. `ClusterIndex` returns the same nearest row and the same distance with a few percent of
+that work, using three bounds that can only rule rows out, never change the answer:
+
+1. Clusters. The bank is split into about sqrt(M) clusters. Their seeds are the bank's first rows, which in
+   a coreset bank are the first greedy k-center picks (paper §3.2), so they are spread over the bank; a few
+   Lloyd iterations then tighten them. Each cluster keeps its center c, its radius r (its farthest member)
+   and its members sorted by distance to c, farthest first. By the triangle inequality every member m of
+   a cluster has d(q, m) >= d(q, c) - r, and d(q, m) >= |d(q, c) - d(m, c)|.
+2. A principal-axes bound. Each row is also described by its coordinates on the bank's top principal axes
+   plus the norm of what those axes leave out (the residual). The distance between two such short
+   descriptions never exceeds the true distance: |P(q - m)|^2 + (|R q| - |R m|)^2 <= |q - m|^2.
+3. The full distance, from float32 coordinates with float64 sums of direct differences, so there is no
+   cancellation in |q|^2 + |m|^2 - 2 q.m.
+
+For each query the nearest cluster is searched first, which gives a distance to beat; then the other
+clusters whose bound is below it, nearest bound first. Within a cluster, members outside the band
+[d(q, c) - best, d(q, c) + best] are skipped, and the rest go through bound 2 before bound 3. Ties go to
+the lowest bank row. Every bound is widened by a margin larger than its rounding error (see the margins
+below), so the result is the brute-force result.
+
+Calibration scores each training image against the bank without that image's own patches: `skip` gives
+each query a source id whose rows are left out, so the index is built once, not once per image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numba
+import numpy as np
+
+_FASTMATH = {"reassoc", "contract"}  # vectorised float64 sums; no NaN/inf shortcuts
+_PCA_DIM = 32  # principal axes in bound 2; more axes prune more rows but cost more per row checked
+_PCA_SAMPLE = 4096  # rows used to estimate the principal axes; any orthonormal basis gives a valid bound
+_LLOYD_ROUNDS = 2
+_MAX_CLUSTERS = 1024
+_CHUNK = 16  # queries per parallel work item
+# Margins, relative to the squared norms involved (taken about the bank mean):
+# - center distances come from a float64 |q|^2 + |c|^2 - 2 q.c, whose error is below D * 2^-53 of the norms;
+# - residual norms come from float64 |x|^2 - |Px|^2, so a residual near 0 is known to about sqrt(D * 2^-53)
+#   of the norm;
+_CENTER_MARGIN = 1e-10
+# - bound 2 is summed in float32 from float32 descriptions, each coordinate within 2^-24 of the norms;
+#   with the residual's uncertainty above, its error stays below 1e-5 of the squared norms.
+_AUG_MARGIN = 1e-5
+_FLOAT32_SAFE_EXPONENT = 60  # descriptions are kept below 2^60, so their float32 squares stay finite
+
+
+class ClusterIndex:
+    """Exact nearest bank row for each query (see the module docstring for how).
+
+    bank: M x D float32 rows. sources: optional M int64 ids (e.g. the training image a row came from) that
+    `nearest(..., skip=...)` can leave out. The index holds a reordered float32 copy of the bank plus
+    O(M * 33) float64 bound data.
+    """
+
+    def __init__(self, bank: np.ndarray, sources: np.ndarray | None = None) -> None:
+        bank = np.ascontiguousarray(bank, dtype=np.float32)
+        if bank.ndim != 2 or bank.shape[0] == 0:
+            raise ValueError(f"bank must be a non-empty M x D array, got shape {bank.shape}")
+        rows, dim = bank.shape
+        self.rows, self.dim = rows, dim
+        self.mean = bank.mean(axis=0, dtype=np.float64)
+        assign, centers = _clusters(bank, self.mean)
+        centered = bank.astype(np.float64) - self.mean  # M x D
+        member_d = np.sqrt(((centered - centers[assign]) ** 2).sum(1))
+        order = np.argsort(assign, kind="stable")  # grouped by cluster
+        counts = np.bincount(assign, minlength=len(centers))
+        self.start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.row = order.astype(np.int64)  # bank row of each position
+        self.bank = np.ascontiguousarray(bank[order])
+        self.radius = np.maximum.reduceat(member_d[order], self.start[:-1])  # farthest member of each
+        self.centers = centers
+        self.center_sq = (centers * centers).sum(1)
+        self.sources = (
+            np.full(rows, -1, np.int64)
+            if sources is None
+            else np.ascontiguousarray(np.asarray(sources, dtype=np.int64)[order])
+        )
+        self.axes = _principal_axes(centered)  # D x k
+        bank_aug, bank_sq = self._describe(centered[order])
+        # Bound 2 runs in float32. For data so large that its squares would overflow float32, the
+        # descriptions are scaled by a power of two (exactly) and the bound scaled back in float64.
+        largest = float(np.sqrt(bank_sq.max()))
+        self.shrink = 2.0 ** -max(0, math.ceil(math.log2(max(largest, 1.0))) - _FLOAT32_SAFE_EXPONENT)
+        self.bank_aug_t = np.ascontiguousarray(bank_aug.T * self.shrink, dtype=np.float32)  # (k+1) x M
+        self.bank_margin = _AUG_MARGIN * bank_sq
+
+    def _describe(self, centered: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """N x D float64 rows about the bank mean -> (N x (k+1) projections plus residual norm, N norms^2)."""
+        projected = centered @ self.axes
+        sq = (centered * centered).sum(1)
+        residual = np.sqrt(np.maximum(sq - (projected * projected).sum(1), 0.0))
+        return np.concatenate([projected, residual[:, None]], 1), sq
+
+    def nearest(self, queries: np.ndarray, skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Q x D queries -> (Q float64 squared distances, Q int64 bank rows) of each nearest bank row.
+
+        skip: optional Q source ids; query i ignores bank rows whose source is skip[i] (a negative id
+        skips nothing). A query that finds no row (all skipped) gets distance inf and row -1.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        count = queries.shape[0]
+        out_d2 = np.empty(count, np.float64)
+        out_row = np.empty(count, np.int64)
+        if count == 0:
+            return out_d2, out_row
+        centered = queries.astype(np.float64) - self.mean
+        aug, query_sq = self._describe(centered)
+        aug = np.ascontiguousarray(aug * self.shrink, dtype=np.float32)
+        center_d2 = query_sq[:, None] + self.center_sq[None, :] - 2.0 * (centered @ self.centers.T)
+        skips = np.full(count, -1, np.int64) if skip is None else np.ascontiguousarray(skip, np.int64)
+        if skips.shape != (count,):
+            raise ValueError(f"skip must hold one source id per query ({count}), got shape {skips.shape}")
+        tables = (self.bank, self.bank_aug_t, self.bank_margin, self.center_sq, self.radius, self.start)
+        bounds = np.linspace(0, count, min(count, max(1, _threads())) + 1).astype(int)
+
+        def run(lo: int, hi: int) -> None:
+            _nearest(
+                queries[lo:hi], aug[lo:hi], query_sq[lo:hi], center_d2[lo:hi], *tables, self.row,
+                self.sources, skips[lo:hi], self.shrink ** -2, out_d2[lo:hi], out_row[lo:hi],
+            )  # fmt: skip
+
+        _in_threads(run, bounds)
+        return out_d2, out_row
+
+    def neighbours(
+        self, queries: np.ndarray, k: int, skip: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Q x D queries -> (Q x k float64 squared distances, Q x k int64 bank rows), nearest first.
+
+        For a few queries (paper eq. 7 asks for b neighbours of one bank row per image), by brute force
+        with the same exact distances and the same tie rule; missing neighbours are inf / -1.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        count = queries.shape[0]
+        skips = np.full(count, -1, np.int64) if skip is None else np.ascontiguousarray(skip, np.int64)
+        out_d2 = np.full((count, k), np.inf)
+        out_row = np.full((count, k), -1, np.int64)
+        _neighbours(queries, self.bank, self.row, self.sources, skips, out_d2, out_row)
+        return out_d2, out_row
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _in_threads(run: Callable[[int, int], None], bounds: np.ndarray) -> None:
+    """run(lo, hi) for each consecutive pair of `bounds`, in threads (the kernels release the GIL)."""
+    parts = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+    if len(parts) == 1:
+        run(*parts[0])
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="search") as pool:
+        for future in [pool.submit(run, lo, hi) for lo, hi in parts]:
+            future.result()
+
+
+def _clusters(bank: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """M x D bank -> (M cluster ids, C x D float64 centers about `mean`), empty clusters dropped.
+
+    Seeds: the first C rows. Any partition gives exact answers; a tight one prunes more.
+    """
+    import torch
+
+    rows = bank.shape[0]
+    count = max(1, min(_MAX_CLUSTERS, round(math.sqrt(rows))))
+    points = torch.from_numpy(bank - mean.astype(np.float32))  # M x D float32, about the mean
+    centers = points[:count].clone()
+    for _ in range(_LLOYD_ROUNDS + 1):
+        # argmin_c |x - c|^2 = argmin_c |c|^2 - 2 x.c; float32 is fine, the assignment needs no exactness
+        assign = torch.addmm((centers * centers).sum(1)[None, :], points, centers.T, alpha=-2.0).argmin(1)
+        sums = torch.zeros_like(centers).index_add_(0, assign, points)
+        sizes = torch.bincount(assign, minlength=count).clamp_(min=1)
+        centers = sums / sizes[:, None].float()
+    assign_np = assign.numpy()
+    used = np.unique(assign_np)
+    remap = np.full(count, -1, np.int64)
+    remap[used] = np.arange(len(used))
+    # Centers in float64 as the members' exact mean, so member distances and radii are consistent.
+    ids = remap[assign_np]
+    exact = np.zeros((len(used), bank.shape[1]), np.float64)
+    np.add.at(exact, ids, bank.astype(np.float64) - mean)
+    exact /= np.bincount(ids, minlength=len(used))[:, None]
+    return ids, exact
+
+
+def _principal_axes(centered: np.ndarray) -> np.ndarray:
+    """M x D float64 rows about their mean -> D x k orthonormal top principal axes (k = min(32, D))."""
+    rows, dim = centered.shape
+    sample = centered[:: max(1, rows // _PCA_SAMPLE)]
+    _, vectors = np.linalg.eigh(sample.T @ sample)
+    return np.ascontiguousarray(vectors[:, ::-1][:, : min(_PCA_DIM, dim)])
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def _exact_sq(queries: np.ndarray, i: int, bank: np.ndarray, j: int) -> float:
+    # float32 coordinates, float64 differences and sum: the squares are exact, only the summation rounds.
+    total = 0.0
+    for t in range(queries.shape[1]):
+        diff = np.float64(queries[i, t]) - np.float64(bank[j, t])
+        total += diff * diff
+    return total
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def _visit(
+    r: int,
+    cluster: int,
+    best: tuple[float, float, int],
+    queries: np.ndarray,
+    aug: np.ndarray,
+    query_sq: np.ndarray,
+    bank: np.ndarray,
+    bank_aug_t: np.ndarray,
+    bank_margin: np.ndarray,
+    start: np.ndarray,
+    row: np.ndarray,
+    sources: np.ndarray,
+    skip: int,
+    unshrink: float,
+    bound: np.ndarray,
+) -> tuple[float, float, int]:
+    # Search one cluster for query r. best = (squared distance, distance, bank row). The rounding of the
+    # sqrt is far inside the center margin, which every cluster bound compared with it carries.
+    # Bound 2 for all members first, vectorised along the members (bank_aug_t is (k+1) x M), then the
+    # exact distance where the bound does not rule a member out.
+    best_d2, best_d, best_row = best
+    lo, hi = start[cluster], start[cluster + 1]
+    size = hi - lo
+    bound[:size] = 0.0
+    for t in range(bank_aug_t.shape[0]):
+        value = aug[r, t]
+        coordinate = bank_aug_t[t, lo:hi]  # a slice: indexing [t, lo + p] in the loop does not vectorise
+        for p in range(size):
+            diff = value - coordinate[p]
+            bound[p] += diff * diff
+    slack = _AUG_MARGIN * query_sq[r]
+    for p in range(size):
+        if bound[p] * unshrink - bank_margin[lo + p] - slack > best_d2:
+            continue
+        if skip >= 0 and sources[lo + p] == skip:
+            continue
+        d2 = _exact_sq(queries, r, bank, lo + p)
+        if d2 < best_d2 or (d2 == best_d2 and row[lo + p] < best_row):
+            best_d2, best_row = d2, row[lo + p]
+            best_d = math.sqrt(d2)
+    return best_d2, best_d, best_row
+
+
+@numba.njit(cache=True, nogil=True)
+def _nearest(
+    queries: np.ndarray,
+    aug: np.ndarray,
+    query_sq: np.ndarray,
+    center_d2: np.ndarray,
+    bank: np.ndarray,
+    bank_aug_t: np.ndarray,
+    bank_margin: np.ndarray,
+    center_sq: np.ndarray,
+    radius: np.ndarray,
+    start: np.ndarray,
+    row: np.ndarray,
+    sources: np.ndarray,
+    skip: np.ndarray,
+    unshrink: float,
+    out_d2: np.ndarray,
+    out_row: np.ndarray,
+) -> None:
+    count = queries.shape[0]
+    clusters = radius.shape[0]
+    largest = 0
+    for j in range(clusters):
+        largest = max(largest, start[j + 1] - start[j])
+    for chunk in range((count + _CHUNK - 1) // _CHUNK):
+        near = np.empty(clusters)
+        key = np.empty(clusters)
+        pending = np.empty(clusters, np.int64)
+        bound = np.empty(largest, np.float32)
+        for r in range(chunk * _CHUNK, min(count, (chunk + 1) * _CHUNK)):
+            first = 0
+            for j in range(clusters):
+                margin = _CENTER_MARGIN * (query_sq[r] + center_sq[j])
+                near[j] = math.sqrt(max(center_d2[r, j] - margin, 0.0))
+                key[j] = near[j] - radius[j]  # no member of cluster j is nearer than this
+                if near[j] < near[first]:
+                    first = j
+            best = (np.inf, np.inf, np.int64(-1))
+            best = _visit(
+                r, first, best, queries, aug, query_sq, bank, bank_aug_t, bank_margin, start, row,
+                sources, skip[r], unshrink, bound,
+            )  # fmt: skip
+            size = 0
+            for j in range(clusters):
+                if j != first and key[j] <= best[1]:
+                    pending[size] = j
+                    size += 1
+            if size > 0:
+                ranked = pending[:size][np.argsort(key[pending[:size]])]
+                for j in ranked:
+                    if key[j] > best[1]:
+                        break
+                    best = _visit(
+                        r, j, best, queries, aug, query_sq, bank, bank_aug_t, bank_margin, start, row,
+                        sources, skip[r], unshrink, bound,
+                    )  # fmt: skip
+            out_d2[r] = best[0]
+            out_row[r] = best[2]
+
+
+@numba.njit(cache=True, nogil=True)
+def _neighbours(
+    queries: np.ndarray,
+    bank: np.ndarray,
+    row: np.ndarray,
+    sources: np.ndarray,
+    skip: np.ndarray,
+    out_d2: np.ndarray,
+    out_row: np.ndarray,
+) -> None:
+    # Brute-force k nearest rows (k = out_d2.shape[1]), kept sorted by (distance, row) by insertion.
+    k = out_d2.shape[1]
+    for r in range(queries.shape[0]):
+        for p in range(bank.shape[0]):
+            if skip[r] >= 0 and sources[p] == skip[r]:
+                continue
+            d2 = _exact_sq(queries, r, bank, p)
+            slot = k
+            while slot > 0 and (
+                d2 < out_d2[r, slot - 1] or (d2 == out_d2[r, slot - 1] and row[p] < out_row[r, slot - 1])
+            ):
+                slot -= 1
+            if slot == k:
+                continue
+            for move in range(k - 1, slot, -1):
+                out_d2[r, move] = out_d2[r, move - 1]
+                out_row[r, move] = out_row[r, move - 1]
+            out_d2[r, slot] = d2
+            out_row[r, slot] = row[p]

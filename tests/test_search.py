@@ -1,0 +1,175 @@
+"""The pruned exact search against brute force: same nearest row and distance, on adversarial data too."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patchcore_cli.search import ClusterIndex
+
+
+def brute(bank: np.ndarray, queries: np.ndarray, skip=None, sources=None) -> tuple[np.ndarray, np.ndarray]:
+    """float64 direct differences; ties to the lowest row; rows of the query's skip id left out."""
+    d2 = ((queries.astype(np.float64)[:, None, :] - bank.astype(np.float64)[None, :, :]) ** 2).sum(-1)
+    if skip is not None:
+        d2[np.asarray(sources)[None, :] == np.asarray(skip)[:, None]] = np.inf
+    rows = d2.argmin(1)
+    best = d2[np.arange(len(queries)), rows]
+    rows[~np.isfinite(best)] = -1
+    return best, rows
+
+
+def assert_same(bank, queries, found, skip=None, sources=None):
+    d2, rows = found
+    ref_d2, ref_rows = brute(bank, queries, skip, sources)
+    np.testing.assert_allclose(d2, ref_d2, rtol=1e-12, atol=0)
+    # The returned row is at the minimal distance, and it is the lowest such row whenever the minimum
+    # is clear of float64 rounding (exact duplicates included: they round identically).
+    full = ((queries.astype(np.float64)[:, None, :] - bank.astype(np.float64)[None, :, :]) ** 2).sum(-1)
+    for q, (row, ref) in enumerate(zip(rows, ref_rows, strict=True)):
+        if ref < 0:
+            assert row == -1
+            continue
+        tied = np.flatnonzero(np.abs(full[q] - ref_d2[q]) <= 1e-12 * max(ref_d2[q], 1e-300))
+        if skip is not None:
+            tied = tied[np.asarray(sources)[tied] != skip[q]]
+        assert row in tied
+        if len(tied) == 1 or np.all(full[q, tied] == ref_d2[q]):
+            assert row == tied.min()
+
+
+def clustered(rng, rows, dim, centres=20, spread=1.0, scale=5.0):
+    middle = rng.normal(size=(centres, dim)) * scale
+    return (middle[rng.integers(0, centres, rows)] + rng.normal(size=(rows, dim)) * spread).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("rows", "dim"), [(1, 3), (2, 1), (7, 5), (300, 20), (2000, 64), (1500, 152), (400, 300)]
+)
+def test_equals_brute_force_on_clustered_and_plain_data(rows, dim):
+    rng = np.random.default_rng(rows + dim)
+    bank = clustered(rng, rows, dim)
+    queries = np.concatenate([clustered(rng, 60, dim), rng.normal(size=(20, dim)).astype(np.float32) * 9])
+    assert_same(bank, queries, ClusterIndex(bank).nearest(queries))
+
+
+def test_duplicate_rows_resolve_to_the_lowest_row():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(50, 16)).astype(np.float32)
+    bank = np.concatenate([base, base[::-1], base])  # every row three times, in two orders
+    queries = np.concatenate([base[:10], base[:10] + 0.01, rng.normal(size=(10, 16)).astype(np.float32)])
+    d2, rows = ClusterIndex(bank).nearest(queries)
+    _, ref_rows = brute(bank, queries)
+    np.testing.assert_array_equal(rows, ref_rows)
+    np.testing.assert_array_equal(d2[:10], 0.0)
+
+
+def test_exact_ties_between_distinct_rows_go_to_the_lowest_row():
+    # Rows at +e_i and -e_i around the origin: the query at 0 is equally far from all of them.
+    dim = 8
+    eye = np.eye(dim, dtype=np.float32)
+    bank = np.concatenate([eye * 3, -eye * 3, eye * 7])
+    rng = np.random.default_rng(1)
+    bank = bank[rng.permutation(len(bank))]
+    queries = np.zeros((3, dim), np.float32)
+    d2, rows = ClusterIndex(bank).nearest(queries)
+    first = np.flatnonzero(np.abs(bank).max(1) == 3).min()
+    assert (rows == first).all() and np.allclose(d2, 9.0)
+
+
+def test_all_rows_identical():
+    bank = np.ones((100, 12), np.float32)
+    d2, rows = ClusterIndex(bank).nearest(np.zeros((4, 12), np.float32))
+    assert (rows == 0).all() and np.allclose(d2, 12.0)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-6, 1e6, 1e18, 1e30, 1e37])
+def test_huge_and_tiny_norms(scale):
+    rng = np.random.default_rng(2)
+    bank = (clustered(rng, 500, 24) * scale).astype(np.float32)
+    queries = (clustered(rng, 40, 24) * scale).astype(np.float32)
+    assert np.isfinite(bank).all() and np.isfinite(queries).all()
+    assert_same(bank, queries, ClusterIndex(bank).nearest(queries))
+
+
+def test_large_common_offset_does_not_cancel_away_the_differences():
+    # |q|^2 + |m|^2 - 2 q.m would lose everything here in float32; direct differences keep it exact.
+    rng = np.random.default_rng(3)
+    bank = (1e4 + rng.normal(size=(800, 32))).astype(np.float32)
+    queries = (1e4 + rng.normal(size=(50, 32))).astype(np.float32)
+    assert_same(bank, queries, ClusterIndex(bank).nearest(queries))
+
+
+def test_mixed_scales_in_one_bank():
+    rng = np.random.default_rng(4)
+    bank = np.concatenate([rng.normal(size=(300, 10)) * 1e-3, rng.normal(size=(300, 10)) * 1e3]).astype(
+        np.float32
+    )
+    queries = np.concatenate([rng.normal(size=(30, 10)) * 1e-3, rng.normal(size=(30, 10)) * 1e3]).astype(
+        np.float32
+    )
+    assert_same(bank, queries, ClusterIndex(bank).nearest(queries))
+
+
+def test_skip_leaves_out_each_querys_own_source():
+    rng = np.random.default_rng(5)
+    bank = clustered(rng, 600, 20)
+    sources = rng.integers(0, 6, len(bank))
+    queries = bank[::10] + 0.001  # each query's own row is nearest unless skipped
+    skip = sources[::10]
+    found = ClusterIndex(bank, sources).nearest(queries, skip)
+    assert_same(bank, queries, found, skip, sources)
+    assert (sources[found[1]] != skip).all()
+
+
+def test_skipping_every_row_gives_no_neighbour():
+    bank = np.random.default_rng(6).normal(size=(30, 4)).astype(np.float32)
+    sources = np.zeros(30, np.int64)
+    d2, rows = ClusterIndex(bank, sources).nearest(bank[:3], np.array([0, -1, 0]))
+    assert rows.tolist()[0] == -1 and rows.tolist()[2] == -1 and np.isinf(d2[[0, 2]]).all()
+    assert rows[1] == 1 and d2[1] == 0.0
+
+
+def test_neighbours_are_the_k_nearest_with_ties_by_row():
+    rng = np.random.default_rng(7)
+    base = clustered(rng, 200, 12)
+    bank = np.concatenate([base, base[:50]])  # duplicates: equal distances, lower row first
+    queries = base[:20] + 0.05
+    d2, rows = ClusterIndex(bank).neighbours(queries, 9)
+    full = ((queries.astype(np.float64)[:, None] - bank.astype(np.float64)[None]) ** 2).sum(-1)
+    order = np.lexsort((np.broadcast_to(np.arange(len(bank)), full.shape), full), axis=1)[:, :9]
+    np.testing.assert_array_equal(rows, order)
+    np.testing.assert_allclose(d2, np.take_along_axis(full, order, 1), rtol=1e-12)
+
+
+def test_batches_split_across_threads_agree_with_one_thread(monkeypatch):
+    import patchcore_cli.search as search
+
+    rng = np.random.default_rng(8)
+    bank, queries = clustered(rng, 1000, 30), clustered(rng, 257, 30)
+    index = ClusterIndex(bank)
+    monkeypatch.setattr(search, "_threads", lambda: 1)
+    one = index.nearest(queries)
+    monkeypatch.setattr(search, "_threads", lambda: 3)
+    three = index.nearest(queries)
+    np.testing.assert_array_equal(one[0], three[0])
+    np.testing.assert_array_equal(one[1], three[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 120),
+    dim=st.integers(1, 40),
+    grid=st.sampled_from([0.0, 0.5, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_equals_brute_force(rows, dim, grid, seed):
+    rng = np.random.default_rng(seed)
+    bank = rng.normal(size=(rows, dim))
+    queries = rng.normal(size=(17, dim))
+    if grid:  # snap to a coarse grid: many exact ties and duplicates
+        bank, queries = np.round(bank / grid) * grid, np.round(queries / grid) * grid
+    bank, queries = bank.astype(np.float32), queries.astype(np.float32)
+    assert_same(bank, queries, ClusterIndex(bank).nearest(queries))
