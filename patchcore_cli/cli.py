@@ -320,13 +320,13 @@ def score(
     for folder in (heatmaps, masks):
         if folder is not None:
             _make_dir(folder)
-    used_heat: set[str] = set()
-    used_mask: set[str] = set()
+    heat_names = report.output_names(paths, "_heatmap") if heatmaps is not None else {}
+    mask_names = report.output_names(paths, "_mask") if masks is not None else {}
 
     def write_outputs(result: Any) -> None:
         if result.error is not None or result.anomaly_map is None:
             return
-        _write_maps(result, heatmaps, masks, scorer, used_heat, used_mask)
+        _write_maps(result, scorer, heatmaps, heat_names, masks, mask_names, _max_pixels(max_pixels))
 
     keep_maps = heatmaps is not None or masks is not None
     with RichProgress(enabled=not (as_json or as_csv) or err.is_terminal) as progress:
@@ -365,11 +365,12 @@ def _make_dir(folder: Path) -> None:
 
 def _write_maps(
     result: Any,
-    heatmaps: Path | None,
-    masks: Path | None,
     scorer: Any,
-    used_heat: set[str],
-    used_mask: set[str],
+    heatmaps: Path | None,
+    heat_names: dict[Path, str],
+    masks: Path | None,
+    mask_names: dict[Path, str],
+    max_pixels: int,
 ) -> None:
     import numpy as np
 
@@ -379,12 +380,14 @@ def _write_maps(
     full, inspected = report.map_to_original(result.anomaly_map, result.geometry)
     pixel_threshold = float(scorer.bank.calibration["pixel_threshold"])
     if heatmaps is not None:
-        image = np.asarray(load_image(result.path))
-        picture = report.overlay(image, full, inspected, scale=2.0 * pixel_threshold)
-        report.save_png(heatmaps / report.output_name(result.path, used_heat, "_heatmap"), picture)
+        image = np.asarray(load_image(result.path, max_pixels))
+        picture = report.heatmap_picture(
+            image, full, inspected, pixel_threshold, result.score, scorer.threshold, result.anomalous
+        )
+        report.save_png(heatmaps / heat_names[result.path], picture)
     if masks is not None:
         binary = ((full >= pixel_threshold) & inspected).astype(np.uint8) * 255
-        report.save_png(masks / report.output_name(result.path, used_mask, "_mask"), binary)
+        report.save_png(masks / mask_names[result.path], binary)
 
 
 def main() -> None:
