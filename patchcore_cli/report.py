@@ -218,21 +218,17 @@ def heatmap_picture(
     score: float,
     image_threshold: float,
     anomalous: bool,
-    max_side: int | None = None,
 ) -> np.ndarray:
     """The overlay with its legend: what `score --heatmaps` writes and the HTML report shows.
 
     H x W x 3 uint8 image, H x W map and H x W bool inspected area in the original image's pixels (see
-    `map_to_original`) -> (h + strip) x max(w, LEGEND_MIN_WIDTH) x 3 uint8, where (w, h) is the image size,
-    or with `max_side` the image scaled down to fit in max_side x max_side (for thumbnails), and the strip
-    and canvas come from `legend_size(w)`. The top-left h x w is exactly
+    `map_to_original`) -> (H + strip) x max(W, LEGEND_MIN_WIDTH) x 3 uint8, the strip and canvas from
+    `legend_size(W)` (for a thumbnail, `shrink_to_fit` the inputs first). The top-left H x W is exactly
     `overlay(image, amap, inspected, 2 * pixel_threshold)`: the calibrated pixel threshold is the middle of
     the colour ramp, so the pixels coloured past the middle are the ones `--masks` marks. The strip below
     holds the verdict, the image score against the image threshold, and the colour scale with the pixel
     threshold marked; anything to the right of a narrow picture is white.
     """
-    if max_side is not None and max(image.shape[:2]) > max_side:
-        image, amap, inspected = _shrink(image, amap, inspected, max_side)
     height, width = amap.shape
     picture = overlay(image, amap, inspected, scale=2.0 * pixel_threshold)
     canvas_width, strip_height = legend_size(width)
@@ -244,13 +240,16 @@ def heatmap_picture(
     return canvas
 
 
-def _shrink(
+def shrink_to_fit(
     image: np.ndarray, amap: np.ndarray, inspected: np.ndarray, max_side: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scale an image, its map and its inspected area down to fit in max_side x max_side pixels."""
+    """Scale an image, its map and its inspected area (as `heatmap_picture` takes them) down together so
+    that they fit in max_side x max_side pixels; returned as they are if they fit already."""
     from PIL import Image
 
     height, width = amap.shape
+    if max(height, width) <= max_side:
+        return image, amap, inspected
     factor = max_side / max(height, width)
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
     small_image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
