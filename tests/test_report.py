@@ -183,11 +183,13 @@ def check_numbers(page: Page, section: str, result: dict) -> None:
         assert summary[f"{key}: TP / FP / TN / FN"] == counts
     per_defect = [[name, fmt(value)] for name, value in image["per_defect_auroc"].items()]
     assert [["defect type", "image AUROC"], *per_defect] in page.tables
+    fp, fn = calibrated["fp"], calibrated["fn"]
     assert (
-        f"Good images with the highest scores ({calibrated['fp']} false positives)" in page.headings[section]
+        f"Good images with the highest scores ({fp} false positive{'' if fp == 1 else 's'})"
+        in (page.headings[section])
     )
     assert (
-        f"Defective images with the lowest scores ({calibrated['fn']} false negatives)"
+        f"Defective images with the lowest scores ({fn} false negative{'' if fn == 1 else 's'})"
         in (page.headings[section])
     )
 
