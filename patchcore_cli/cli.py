@@ -320,13 +320,13 @@ def score(
     for folder in (heatmaps, masks):
         if folder is not None:
             _make_dir(folder)
-    used_heat: set[str] = set()
-    used_mask: set[str] = set()
+    heat_names = report.output_names(paths, "_heatmap") if heatmaps is not None else {}
+    mask_names = report.output_names(paths, "_mask") if masks is not None else {}
 
     def write_outputs(result: Any) -> None:
         if result.error is not None or result.anomaly_map is None:
             return
-        _write_maps(result, heatmaps, masks, scorer, used_heat, used_mask)
+        _write_maps(result, scorer, heatmaps, heat_names, masks, mask_names, _max_pixels(max_pixels))
 
     keep_maps = heatmaps is not None or masks is not None
     with RichProgress(enabled=not (as_json or as_csv) or err.is_terminal) as progress:
@@ -365,11 +365,12 @@ def _make_dir(folder: Path) -> None:
 
 def _write_maps(
     result: Any,
-    heatmaps: Path | None,
-    masks: Path | None,
     scorer: Any,
-    used_heat: set[str],
-    used_mask: set[str],
+    heatmaps: Path | None,
+    heat_names: dict[Path, str],
+    masks: Path | None,
+    mask_names: dict[Path, str],
+    max_pixels: int,
 ) -> None:
     import numpy as np
 
@@ -379,12 +380,14 @@ def _write_maps(
     full, inspected = report.map_to_original(result.anomaly_map, result.geometry)
     pixel_threshold = float(scorer.bank.calibration["pixel_threshold"])
     if heatmaps is not None:
-        image = np.asarray(load_image(result.path))
-        picture = report.overlay(image, full, inspected, scale=2.0 * pixel_threshold)
-        report.save_png(heatmaps / report.output_name(result.path, used_heat, "_heatmap"), picture)
+        image = np.asarray(load_image(result.path, max_pixels))
+        picture = report.heatmap_picture(
+            image, full, inspected, pixel_threshold, result.score, scorer.threshold, result.anomalous
+        )
+        report.save_png(heatmaps / heat_names[result.path], picture)
     if masks is not None:
         binary = ((full >= pixel_threshold) & inspected).astype(np.uint8) * 255
-        report.save_png(masks / report.output_name(result.path, used_mask, "_mask"), binary)
+        report.save_png(masks / mask_names[result.path], binary)
 
 
 def main() -> None:
@@ -399,6 +402,14 @@ NoPixelOpt = Annotated[
 ]
 OutDirOpt = Annotated[
     Path | None, typer.Option("--out", help="Folder for results.json, results.csv, results.md.")
+]
+ReportOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--report",
+        help="Folder for report.html (self-contained: charts, hardest cases with heatmaps, config) "
+        "and results.json.",
+    ),
 ]
 
 
@@ -428,6 +439,7 @@ def evaluate(
     no_pixel_metrics: NoPixelOpt = False,
     as_json: JsonOpt = False,
     out_dir: OutDirOpt = None,
+    report_dir: ReportOpt = None,
     weights: WeightsOpt = None,
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,
@@ -435,7 +447,7 @@ def evaluate(
     max_pixels: MaxPixelsOpt = None,
 ) -> None:
     """Score a labelled test set with a bank: image/pixel AUROC, AUPRO, thresholded metrics."""
-    from patchcore_cli import report
+    from patchcore_cli import html_report, report
     from patchcore_cli.data import mvtec_category, test_split
     from patchcore_cli.errors import ConfigError
     from patchcore_cli.evaluation import evaluate as run_evaluate
@@ -450,9 +462,17 @@ def evaluate(
     else:
         raise ConfigError("evaluate needs a DATASET folder, or --good DIR and --defect DIR")
     scorer = _open_scorer(bank_path, batch_size=batch_size, threads=threads, weights=weights, index=index)
+    if report_dir is not None:
+        _make_dir(report_dir)
+    cases = html_report.REPORT_CASES if report_dir is not None else None
     with RichProgress(enabled=not as_json or err.is_terminal) as progress:
-        evaluation = run_evaluate(scorer, split, require, progress, _max_pixels(max_pixels))
+        evaluation = run_evaluate(scorer, split, require, progress, _max_pixels(max_pixels), cases)
     data = {"bank": str(bank_path), **evaluation.as_dict()}
+    if report_dir is not None:
+        page = html_report.write_evaluation_report(
+            report_dir, evaluation, data, bank_path, _max_pixels(max_pixels)
+        )
+        _announce_report(page)
     if out_dir is not None:
         _make_dir(out_dir)
         report.write_json(out_dir / "results.json", data)
@@ -510,6 +530,12 @@ def _row_configs(
     return rows
 
 
+def _announce_report(path: Path) -> None:
+    err.print(
+        f"report: {escape(str(path))} ({path.stat().st_size / 1e6:.1f} MB)", highlight=False, soft_wrap=True
+    )
+
+
 def _run_benchmark(
     splits: list[Any],
     rows: list[tuple[str, Any]],
@@ -519,8 +545,9 @@ def _run_benchmark(
     as_json: bool,
     max_pixels: int | None,
     profile: bool = False,
+    report_dir: Path | None = None,
 ) -> None:
-    from patchcore_cli import report
+    from patchcore_cli import html_report, report
     from patchcore_cli.evaluation import benchmark as run_benchmark
 
     for _, config in rows:
@@ -533,9 +560,17 @@ def _run_benchmark(
             f"pixel AUROC {report.fmt(row.metric('pixel_auroc'))}, AUPRO {report.fmt(row.metric('aupro'))}"
         )
 
+    if report_dir is not None:
+        _make_dir(report_dir)
+    cases = html_report.REPORT_CASES if report_dir is not None else None
     with RichProgress(enabled=not as_json or err.is_terminal) as progress:
-        results = run_benchmark(splits, rows, pixel, progress, announce, _max_pixels(max_pixels), profile)
+        results = run_benchmark(
+            splits, rows, pixel, progress, announce, _max_pixels(max_pixels), profile, cases
+        )
     data = {"columns": columns, "results": [r.as_dict() for r in results]}
+    if report_dir is not None:
+        page = html_report.write_benchmark_report(report_dir, results, columns, data, _max_pixels(max_pixels))
+        _announce_report(page)
     if out_dir is not None:
         _make_dir(out_dir)
         report.write_json(out_dir / "results.json", data)
@@ -604,6 +639,7 @@ def benchmark_mvtec(
     precision: PrecisionOpt = None,
     no_pixel_metrics: NoPixelOpt = False,
     out_dir: OutDirOpt = None,
+    report_dir: ReportOpt = None,
     as_json: JsonOpt = False,
     profile: ProfileOpt = False,
     max_pixels: MaxPixelsOpt = None,
@@ -631,7 +667,15 @@ def benchmark_mvtec(
     splits = [mvtec_category(root, c, require_masks=not no_pixel_metrics) for c in run]
     rows = _row_configs(backbone, config_files, _fit_overrides(locals()), presets)
     _run_benchmark(
-        splits, rows, list(MVTEC_CATEGORIES), not no_pixel_metrics, out_dir, as_json, max_pixels, profile
+        splits,
+        rows,
+        list(MVTEC_CATEGORIES),
+        not no_pixel_metrics,
+        out_dir,
+        as_json,
+        max_pixels,
+        profile,
+        report_dir,
     )
 
 
@@ -671,6 +715,7 @@ def benchmark_folder(
     precision: PrecisionOpt = None,
     no_pixel_metrics: NoPixelOpt = False,
     out_dir: OutDirOpt = None,
+    report_dir: ReportOpt = None,
     as_json: JsonOpt = False,
     profile: ProfileOpt = False,
     max_pixels: MaxPixelsOpt = None,
@@ -689,7 +734,9 @@ def benchmark_folder(
         name=name,
     )
     rows = _row_configs(backbone, config_files, _fit_overrides(locals()), presets)
-    _run_benchmark([split], rows, [name], not no_pixel_metrics, out_dir, as_json, max_pixels, profile)
+    _run_benchmark(
+        [split], rows, [name], not no_pixel_metrics, out_dir, as_json, max_pixels, profile, report_dir
+    )
 
 
 # --- demo ------------------------------------------------------------------------------------------
@@ -710,6 +757,7 @@ def demo(
     threads: ThreadsOpt = None,
     index: IndexOpt = None,
     as_json: JsonOpt = False,
+    report_dir: ReportOpt = None,
 ) -> None:
     """Generate a synthetic inspection dataset and run fit + evaluate + the benchmark tables on it."""
     import tempfile
@@ -727,5 +775,6 @@ def demo(
         generate_dataset(data_root, seed=seed)
         splits = [mvtec_category(data_root, category) for category in CATEGORIES]
         config = config_mod.build(backbone=backbone, weights=weights, threads=threads, index=index)
-        _run_benchmark(splits, [(config.backbone, config)], list(CATEGORIES), True, out_dir, as_json, None)
+        rows = [(config.backbone, config)]
+        _run_benchmark(splits, rows, list(CATEGORIES), True, out_dir, as_json, None, report_dir=report_dir)
     err.print(f"demo finished in {time.perf_counter() - began:.1f} s")

@@ -2,20 +2,106 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 import resource
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from patchcore_cli import metrics
 from patchcore_cli.config import FitConfig
-from patchcore_cli.data import DEFAULT_MAX_PIXELS, Split
-from patchcore_cli.engine import Progress, Scorer, _Silent, fit
+from patchcore_cli.data import DEFAULT_MAX_PIXELS, Sample, Split
+from patchcore_cli.engine import Progress, Scorer, ScoreResult, _Silent, fit
+from patchcore_cli.features import Geometry
+
+
+@dataclass
+class Case:
+    """One test image the report shows, with its anomaly map (crop x crop float32, crop frame)."""
+
+    path: Path
+    defect_type: str
+    label: int
+    score: float
+    anomalous: bool
+    anomaly_map: np.ndarray
+    geometry: Geometry
+
+
+@dataclass
+class Visuals:
+    """What the HTML report draws besides the metrics: ROC curve points (see `metrics.image_roc_curve`,
+    None where undefined), the hardest cases with their maps, and the bank's metadata."""
+
+    image_roc: dict[str, np.ndarray] | None
+    pixel_roc: dict[str, np.ndarray] | None
+    highest_good: list[Case]
+    """The good images with the highest scores, highest first: false positives, or the nearest misses."""
+    lowest_defect: list[Case]
+    """The defective images with the lowest scores, lowest first: false negatives, or the nearest misses."""
+    bank: dict[str, Any]
+    """See `bank_metadata`."""
+
+
+class _Hardest:
+    """Keeps, while scores stream in, the `count` highest-scoring good and lowest-scoring defective images.
+
+    Only their maps are held, so the memory stays at 2 x `count` maps whatever the size of the test set.
+    Equal scores keep the earlier image.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.good: list[tuple[float, int, Case]] = []  # min-heaps on the key: the weakest kept case on top
+        self.defect: list[tuple[float, int, Case]] = []
+
+    def offer(self, index: int, sample: Sample, result: ScoreResult) -> None:
+        heap, key = (self.defect, -result.score) if sample.label else (self.good, result.score)
+        entry = (key, -index)
+        if len(heap) == self.count and entry <= heap[0][:2]:
+            return
+        case = Case(
+            sample.path,
+            sample.defect_type,
+            sample.label,
+            result.score,
+            bool(result.anomalous),
+            result.anomaly_map,
+            result.geometry,
+        )
+        if len(heap) < self.count:
+            heapq.heappush(heap, (*entry, case))
+        else:
+            heapq.heapreplace(heap, (*entry, case))
+
+    @staticmethod
+    def ranked(heap: list[tuple[float, int, Case]]) -> list[Case]:
+        return [case for *_, case in sorted(heap, key=lambda entry: entry[:2], reverse=True)]
+
+
+def bank_metadata(scorer: Scorer) -> dict[str, Any]:
+    """The bank a scorer holds, as plain data: {"config", "runtime", "calibration", "bank"}."""
+    bank = scorer.bank
+    return {
+        "config": dict(bank.config),
+        "runtime": {key: getattr(scorer.config, key) for key in ("index", "batch_size", "threads")},
+        "calibration": dict(bank.calibration),
+        "bank": {
+            "rows": bank.rows,
+            "shape": " + ".join(f"{p.memory_bank.shape[0]} x {p.memory_bank.shape[1]}" for p in bank.parts),
+            "size_mb": round(bank.nbytes / 1e6, 3),
+            "n_train_images": bank.n_train_images,
+            "weights_sha256": bank.weights_sha256,
+            "tool_version": bank.tool_version,
+            "created": bank.created,
+        },
+    }
 
 
 @dataclass
@@ -29,6 +115,8 @@ class Evaluation:
     pixel: dict[str, Any] | None
     score_seconds: float
     images: list[dict[str, Any]] = field(default_factory=list)
+    visuals: Visuals | None = None
+    """Only when `evaluate` was asked for report cases; never part of `as_dict`."""
 
     @property
     def ms_per_image(self) -> float:
@@ -52,26 +140,43 @@ def evaluate(
     pixel_metrics: bool = True,
     progress: Progress | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    report_cases: int | None = None,
 ) -> Evaluation:
     """Score `split.test` and compute image metrics (and pixel AUROC + AUPRO when masks are wanted).
 
     Masks are resized and cropped exactly like their images, so pixel metrics are computed at the
-    evaluation resolution (crop x crop), over every test pixel.
+    evaluation resolution (crop x crop), over every test pixel. With `report_cases`, the result also holds
+    the `Visuals` of the HTML report, with that many hardest cases per class; without pixel metrics, the
+    other images' maps are dropped as soon as they are scored.
     """
     from patchcore_cli.data import load_mask
     from patchcore_cli.features import preprocess_mask
 
     samples = split.test
+    hardest = _Hardest(report_cases) if report_cases else None
+    scored = iter(range(len(samples)))
+
+    def on_scored(result: ScoreResult) -> None:
+        index = next(scored)
+        if hardest is not None:
+            hardest.offer(index, samples[index], result)
+        if not pixel_metrics:
+            result.anomaly_map = None
+
     began = time.perf_counter()
     results = scorer.score_paths(
-        [s.path for s in samples], progress=progress, keep_maps=pixel_metrics, max_pixels=max_pixels
+        [s.path for s in samples],
+        progress=progress,
+        keep_maps=pixel_metrics or hardest is not None,
+        max_pixels=max_pixels,
+        on_result=on_scored,
     )
     seconds = time.perf_counter() - began
     labels = np.array([s.label for s in samples])
     scores = np.array([r.score for r in results], dtype=np.float64)
     types = [s.defect_type for s in samples]
     image = metrics.image_metrics(labels, scores, types, scorer.threshold)
-    pixel = None
+    pixel = pixel_roc = None
     if pixel_metrics:
         config = scorer.config
         masks = np.zeros((len(samples), config.crop, config.crop), dtype=bool)
@@ -81,6 +186,8 @@ def evaluate(
                 masks[index] = preprocess_mask(raw, config.image_size, config.crop, config.framing)
         maps = np.stack([r.anomaly_map for r in results]).astype(np.float32)
         pixel = metrics.pixel_metrics(masks, maps)
+        if report_cases is not None:
+            pixel_roc = metrics.pixel_roc_curve(masks, maps)
     records = [
         {
             "file": str(s.path),
@@ -91,6 +198,15 @@ def evaluate(
         }
         for s, r in zip(samples, results, strict=True)
     ]
+    visuals = None
+    if report_cases is not None:
+        visuals = Visuals(
+            image_roc=metrics.image_roc_curve(labels, scores),
+            pixel_roc=pixel_roc,
+            highest_good=_Hardest.ranked(hardest.good) if hardest else [],
+            lowest_defect=_Hardest.ranked(hardest.defect) if hardest else [],
+            bank=bank_metadata(scorer),
+        )
     return Evaluation(
         name=split.name,
         n_good=int((labels == 0).sum()),
@@ -99,6 +215,7 @@ def evaluate(
         pixel=pixel,
         score_seconds=seconds,
         images=records,
+        visuals=visuals,
     )
 
 
@@ -160,8 +277,10 @@ def benchmark(
     on_row: Any = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     profile: bool = False,
+    report_cases: int | None = None,
 ) -> list[BenchmarkRow]:
-    """For each configuration and split: fit on `split.train`, evaluate on `split.test`."""
+    """For each configuration and split: fit on `split.train`, evaluate on `split.test` (see `evaluate`
+    for `report_cases`)."""
     progress = progress or _Silent()
     rows = []
     for label, config in configs:
@@ -173,7 +292,7 @@ def benchmark(
             scorer = Scorer(
                 bank, batch_size=config.batch_size, index=config.index, extractors=fitted.extractors
             )
-            evaluation = evaluate(scorer, split, pixel_metrics, progress, max_pixels)
+            evaluation = evaluate(scorer, split, pixel_metrics, progress, max_pixels, report_cases)
             seconds = dict(fitted.timings.seconds)
             row = BenchmarkRow(
                 row=label,

@@ -329,3 +329,78 @@ def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -
         "pixel_auroc": _auroc_from_split(positives, negatives),
         "aupro": _aupro_from_split(masks, positives, negatives, fpr_limit),
     }
+
+
+# --- ROC curve points, for plotting -------------------------------------------------------------------
+
+PIXEL_ROC_POINTS = 1000
+"""Default cap on the points of a pixel ROC curve: a plot cannot show more, and a test set has millions."""
+
+
+def _evenly_ranked(sorted_scores: np.ndarray, count: int) -> np.ndarray:
+    """`count` scores at evenly spaced ranks of an ascending array, lowest and highest included."""
+    ranks = np.unique(np.round(np.linspace(0, sorted_scores.size - 1, count)).astype(np.int64))
+    return sorted_scores[ranks]
+
+
+def _roc_from_split(
+    positives: np.ndarray, sorted_negatives: np.ndarray, max_points: int | None
+) -> dict[str, np.ndarray] | None:
+    """ROC vertices from P defect scores and M ascending good scores (see `image_roc_curve`).
+
+    With `max_points`, the thresholds are only the scores at `max_points // 2` evenly spaced ranks of each
+    class; otherwise every distinct score.
+    """
+    if positives.size == 0 or sorted_negatives.size == 0:
+        return None
+    positives = np.sort(positives)
+    if max_points is None:
+        candidates = np.concatenate((positives, sorted_negatives))
+    else:
+        per_class = max_points // 2
+        candidates = np.concatenate(
+            (_evenly_ranked(positives, per_class), _evenly_ranked(sorted_negatives, per_class))
+        )
+    thresholds = np.unique(candidates)[::-1]
+    # An image or pixel is flagged iff its score >= the threshold: those at or above, counted by rank.
+    tpr = (positives.size - np.searchsorted(positives, thresholds, side="left")) / positives.size
+    fpr = (sorted_negatives.size - np.searchsorted(sorted_negatives, thresholds, side="left")) / (
+        sorted_negatives.size
+    )
+    return {
+        "fpr": np.concatenate(([0.0], fpr)),
+        "tpr": np.concatenate(([0.0], tpr)),
+        "thresholds": np.concatenate(([np.inf], thresholds)),
+    }
+
+
+def image_roc_curve(labels: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The exact ROC curve of image scores. N labels {0,1}, N scores -> {"fpr", "tpr", "thresholds"}.
+
+    Each is a 1-D float array of the same length K + 1 for K distinct scores: thresholds run from +inf
+    (nothing flagged, the point (0, 0)) down through every distinct score, the lowest flagging everything
+    (the point (1, 1)). Equal to `sklearn.metrics.roc_curve(..., drop_intermediate=False)`. Joining the
+    points with straight lines gives the curve whose area `image_auroc` is. Returns None when fewer than
+    two classes are present.
+    """
+    labels, scores = _check_image_inputs(labels, scores)
+    return _roc_from_split(scores[labels], np.sort(scores[~labels]), None)
+
+
+def pixel_roc_curve(
+    masks: np.ndarray, maps: np.ndarray, max_points: int | None = PIXEL_ROC_POINTS
+) -> dict[str, np.ndarray] | None:
+    """Points of the ROC curve over all pixels. N x H x W masks, N x H x W maps -> as `image_roc_curve`.
+
+    A test set has millions of distinct pixel scores, so by default the curve is thinned deterministically:
+    the thresholds are the scores at `max_points // 2` evenly spaced ranks among the defect pixels and as
+    many among the good pixels (lowest and highest included). Every returned point is then a vertex of the
+    exact curve, the curve still starts at (0, 0) and ends at (1, 1), there are at most `max_points` + 1
+    points, and between two neighbouring points neither TPR nor FPR moves by more than about
+    2 / `max_points` unless tied scores make the exact curve itself jump there. `max_points=None` returns
+    every vertex. Returns None when all pixels are good or all are defective.
+    """
+    if max_points is not None and max_points < 4:
+        raise ValueError(f"max_points must be at least 4 (two ranks per class), got {max_points}")
+    masks, maps = _check_pixel_inputs(masks, maps)
+    return _roc_from_split(*_split_scores(masks, maps), max_points)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,11 +112,31 @@ def csv_text(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
-def write_text(path: Path, text: str) -> None:
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically: a temporary file in the same folder, then a rename.
+
+    A failed write leaves the previous file (or none) and no temporary file behind.
+    """
+    import os
+    import secrets
+
+    # Not mkstemp: its files are private (0600), and these are for sharing, so the umask decides.
+    tmp: Path | None = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        path.write_text(text, encoding="utf-8")
+        with open(tmp, "xb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+        tmp = None
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -173,24 +195,205 @@ def overlay(image: np.ndarray, amap: np.ndarray, inspected: np.ndarray, scale: f
     return out.clip(0, 255).astype(np.uint8)
 
 
-def save_png(path: Path, array: np.ndarray) -> None:
+LEGEND_MIN_WIDTH = 320
+"""px: the narrowest legend strip that holds the verdict line and the colour scale; a narrower picture is
+widened to this on the right."""
+LEGEND_HEIGHT = 64
+"""px: the legend strip's height under a picture up to LEGEND_GROWS_FROM wide."""
+LEGEND_GROWS_FROM = 640
+"""px: under wider pictures the strip and its text grow in proportion, so they read the same at any size."""
+
+
+def legend_size(width: int) -> tuple[int, int]:
+    """(canvas width, legend strip height) in pixels for a picture `width` pixels wide."""
+    unit = max(1.0, width / LEGEND_GROWS_FROM)
+    return max(width, LEGEND_MIN_WIDTH), round(LEGEND_HEIGHT * unit)
+
+
+def heatmap_picture(
+    image: np.ndarray,
+    amap: np.ndarray,
+    inspected: np.ndarray,
+    pixel_threshold: float,
+    score: float,
+    image_threshold: float,
+    anomalous: bool,
+) -> np.ndarray:
+    """The overlay with its legend: what `score --heatmaps` writes and the HTML report shows.
+
+    H x W x 3 uint8 image, H x W map and H x W bool inspected area in the original image's pixels (see
+    `map_to_original`) -> (H + strip) x max(W, LEGEND_MIN_WIDTH) x 3 uint8, the strip and canvas from
+    `legend_size(W)` (for a thumbnail, `shrink_to_fit` the inputs first). The top-left H x W is exactly
+    `overlay(image, amap, inspected, 2 * pixel_threshold)`: the calibrated pixel threshold is the middle of
+    the colour ramp, so the pixels coloured past the middle are the ones `--masks` marks. The strip below
+    holds the verdict, the image score against the image threshold, and the colour scale with the pixel
+    threshold marked; anything to the right of a narrow picture is white.
+    """
+    height, width = amap.shape
+    picture = overlay(image, amap, inspected, scale=2.0 * pixel_threshold)
+    canvas_width, strip_height = legend_size(width)
+    canvas = np.full((height + strip_height, canvas_width, 3), 255, dtype=np.uint8)
+    canvas[:height, :width] = picture
+    canvas[height:] = _legend_strip(
+        canvas_width, strip_height, pixel_threshold, score, image_threshold, anomalous
+    )
+    return canvas
+
+
+def shrink_to_fit(
+    image: np.ndarray, amap: np.ndarray, inspected: np.ndarray, max_side: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scale an image, its map and its inspected area (as `heatmap_picture` takes them) down together so
+    that they fit in max_side x max_side pixels; returned as they are if they fit already."""
     from PIL import Image
 
-    try:
-        Image.fromarray(array).save(path, format="PNG")
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    height, width = amap.shape
+    if max(height, width) <= max_side:
+        return image, amap, inspected
+    factor = max_side / max(height, width)
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    small_image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
+    small_map = np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize(size))
+    small_inspected = np.asarray(Image.fromarray(inspected).resize(size, Image.Resampling.NEAREST))
+    return small_image, small_map, small_inspected
 
 
-def output_name(path: Path, used: set[str], suffix: str) -> str:
-    """A unique file name for `path`'s output in a flat folder (stem, then stem-2, stem-3, ...)."""
-    stem = path.stem
-    name, counter = f"{stem}{suffix}.png", 2
-    while name in used:
-        name = f"{stem}-{counter}{suffix}.png"
-        counter += 1
-    used.add(name)
-    return name
+def _legend_strip(
+    width: int, height: int, pixel_threshold: float, score: float, image_threshold: float, anomalous: bool
+) -> np.ndarray:
+    """height x width x 3 uint8: verdict badge and score on the first line, the colour scale below.
+
+    Drawn with matplotlib (Agg, no pyplot state); the scale is the overlay's own ramp from 0 to twice the
+    pixel threshold, with the threshold marked at its middle.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    dpi = 100.0
+    unit = height / LEGEND_HEIGHT  # every length below is in pixels of a LEGEND_HEIGHT-high strip
+    points = 72.0 / dpi * unit  # font size in points per pixel of text height
+    figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="white")
+    FigureCanvasAgg(figure)
+    margin = 8 * unit / width
+    verdict, colour = ("ANOMALOUS", "#c62828") if anomalous else ("GOOD", "#2e7d32")
+    badge = figure.text(
+        margin,
+        1 - 15 * unit / height,
+        verdict,
+        color="white",
+        fontsize=10 * points,
+        fontweight="bold",
+        va="center",
+        bbox={"boxstyle": "round,pad=0.3", "facecolor": colour, "edgecolor": "none"},
+    )
+    renderer = figure.canvas.get_renderer()
+    badge_right = badge.get_window_extent(renderer).x1 / width
+    relation = "\u2265" if anomalous else "<"
+    line = figure.text(
+        badge_right + 8 * unit / width,
+        1 - 15 * unit / height,
+        f"score {fmt(score, 4)} {relation} image threshold {fmt(image_threshold, 4)}",
+        fontsize=10 * points,
+        va="center",
+    )
+    overflow = line.get_window_extent(renderer).x1 / (width * (1 - margin))
+    if overflow > 1:  # very large scores: shrink the line rather than cut it off
+        line.set_fontsize(10 * points / overflow)
+    bar = figure.add_axes((margin, 18 * unit / height, 1 - 2 * margin, 12 * unit / height))
+    top = 2.0 * pixel_threshold
+    bar.imshow(
+        _colormap(np.linspace(0.0, 1.0, 256))[None],
+        aspect="auto",
+        extent=(0.0, top, 0.0, 1.0),
+        interpolation="nearest",
+    )
+    bar.axvline(pixel_threshold, color="black", linewidth=2.5 * unit)
+    bar.set_yticks([])
+    bar.set_xlim(0.0, top)
+    bar.set_xticks(
+        [0.0, pixel_threshold, top],
+        ["0", f"pixel threshold {pixel_threshold:.4g}", f"\u2265 {top:.4g}"],
+        fontsize=8 * points,
+    )
+    labels = bar.get_xticklabels()
+    labels[0].set_horizontalalignment("left")
+    labels[-1].set_horizontalalignment("right")
+    bar.tick_params(axis="x", length=3 * unit, width=unit, pad=1.5 * unit)
+    for spine in bar.spines.values():
+        spine.set_linewidth(0.5 * unit)
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_png(path: Path, array: np.ndarray) -> None:
+    """Write an H x W (x 3) uint8 array as a PNG, atomically."""
+    write_bytes(path, png_bytes(array))
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+_UNSAFE_IN_NAME = re.compile(r"[^\w.-]+")  # \w is Unicode-aware: letters and digits of any script
+MAX_NAME_BYTES = 255  # the longest file name ext4, APFS and NTFS take
+
+
+def output_names(paths: Sequence[Path], suffix: str) -> dict[Path, str]:
+    """A collision-free output file name, `<base><suffix>.png`, for each of `paths`, in one flat folder.
+
+    The base is the file's stem. Files that share a stem get the shortest run of their parent folders'
+    names, counted from the innermost, that no other file with that stem has, joined with `__`:
+    `lot1/good/000.png` and `lot1/hole/000.png` become `good__000` and `hole__000`, and `a/cam1/000.png`
+    beside `b/cam1/000.png` become `a__cam1__000` and `b__cam1__000`. Files in the same folder that share
+    a stem keep their extension (`000.png`, `000.jpg`). Names depend on the set of paths, not their order.
+    Characters other than letters, digits, `.`, `-` and `_` become `_`, no name starts with `.`, and names
+    stay within MAX_NAME_BYTES. Should two names still coincide (ignoring case, for case-insensitive file
+    systems), the later path in sorted order gets `-2`, `-3`, ...
+    """
+    import hashlib
+    import os
+
+    folders = {path: Path(os.path.normpath(os.path.abspath(path))).parent.parts[1:] for path in paths}
+    by_stem: dict[str, list[Path]] = {}
+    for path in dict.fromkeys(paths):
+        by_stem.setdefault(path.stem, []).append(path)
+    bases = {}
+    for stem, group in by_stem.items():
+        for path in group:
+            folder = folders[path]
+            elsewhere = [folders[other] for other in group if folders[other] != folder]
+            beside = any(other != path and folders[other] == folder for other in group)
+            tail = _shortest_unique_tail(folder, elsewhere) if elsewhere else ()
+            bases[path] = [*tail, path.name if beside else stem]
+
+    names: dict[Path, str] = {}
+    taken: set[str] = set()
+    for path in sorted(bases, key=str):
+        base = "__".join((_UNSAFE_IN_NAME.sub("_", part) or "_") for part in bases[path]).lstrip(".") or "_"
+        room = MAX_NAME_BYTES - len(f"-99{suffix}.png".encode())
+        if len(base.encode()) > room:
+            digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+            base = base.encode()[: room - 13].decode(errors="ignore") + f"~{digest}"
+        name, counter = f"{base}{suffix}.png", 2
+        while name.casefold() in taken:
+            name = f"{base}-{counter}{suffix}.png"
+            counter += 1
+        taken.add(name.casefold())
+        names[path] = name
+    return names
+
+
+def _shortest_unique_tail(folder: tuple[str, ...], others: Sequence[tuple[str, ...]]) -> tuple[str, ...]:
+    """The fewest innermost names of `folder` that end none of `others` the same way (all of it if none)."""
+    for count in range(1, len(folder) + 1):
+        tail = folder[-count:]
+        if all(other[-count:] != tail for other in others):
+            return tail
+    return folder
 
 
 # --- benchmark tables ---------------------------------------------------------------------------------

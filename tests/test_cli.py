@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from patchcore_cli import __version__
 from patchcore_cli.cli import app
+from patchcore_cli.report import legend_size
 from tests.conftest import TINY_OPTIONS
 
 runner = CliRunner()
@@ -76,7 +78,7 @@ def test_fail_on_anomaly_sets_exit_code(bank, washer):
     assert everything.exit_code == (1 if flagged else 0)
 
 
-def test_heatmaps_and_masks_match_original_size(bank, washer, tmp_path):
+def test_heatmaps_carry_a_legend_and_masks_match_original_size(bank, washer, tmp_path):
     result = invoke(
         "score",
         washer / "test" / "hole",
@@ -92,7 +94,12 @@ def test_heatmaps_and_masks_match_original_size(bank, washer, tmp_path):
     masks = sorted((tmp_path / "m").glob("*.png"))
     assert len(heatmaps) == len(masks) == 2
     original = Image.open(sorted((washer / "test" / "hole").glob("*.png"))[0])
-    assert Image.open(heatmaps[0]).size == original.size == Image.open(masks[0]).size
+    width, height = original.size
+    canvas_width, strip = legend_size(width)  # the image area keeps the original size; see test_report
+    assert Image.open(heatmaps[0]).size == (canvas_width, height + strip)
+    mask = Image.open(masks[0])
+    assert mask.size == original.size and mask.mode == "L"
+    assert set(np.unique(np.asarray(mask))) <= {0, 255}
 
 
 def test_missing_bank_is_exit_code_4(washer, tmp_path):

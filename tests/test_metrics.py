@@ -8,16 +8,18 @@ from collections import deque
 
 import numpy as np
 import pytest
-from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score, roc_curve
 
 from patchcore_cli.metrics import (
     aupro,
     f1_max_threshold,
     image_auroc,
     image_metrics,
+    image_roc_curve,
     per_defect_auroc,
     pixel_auroc,
     pixel_metrics,
+    pixel_roc_curve,
     thresholded_metrics,
 )
 
@@ -375,3 +377,69 @@ def test_pixel_metrics_agrees_with_the_single_metrics() -> None:
         "aupro": aupro(masks, maps, 0.2),
     }
     assert all(type(value) is float for value in result.values())  # plain floats serialise as JSON
+
+
+# ---------------------------------------------------------------- ROC curve points
+
+
+def test_image_roc_curve_matches_sklearn_with_ties():
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 2, 60)
+    scores = rng.integers(0, 12, 60).astype(float) + labels  # many ties, within and across classes
+    curve = image_roc_curve(labels, scores)
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_array_equal(curve["fpr"], fpr)
+    np.testing.assert_array_equal(curve["tpr"], tpr)
+    np.testing.assert_array_equal(curve["thresholds"], thresholds)
+    assert math.isclose(np.trapezoid(curve["tpr"], curve["fpr"]), image_auroc(labels, scores))
+
+
+def test_roc_curves_are_none_without_both_classes():
+    assert image_roc_curve(np.zeros(4, int), np.arange(4.0)) is None
+    assert pixel_roc_curve(np.zeros((1, 3, 3), bool), np.ones((1, 3, 3))) is None
+    with pytest.raises(ValueError, match="max_points"):
+        pixel_roc_curve(np.ones((1, 3, 3), bool), np.ones((1, 3, 3)), max_points=3)
+
+
+def pixel_case(seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((3, 40, 40), dtype=bool)
+    masks[0, 5:15, 5:20] = True
+    masks[2, 30:38, 1:9] = True
+    maps = rng.normal(size=masks.shape) + 1.5 * masks
+    return masks, maps
+
+
+def test_full_pixel_roc_curve_matches_sklearn():
+    masks, maps = pixel_case()
+    curve = pixel_roc_curve(masks, maps, max_points=None)
+    fpr, tpr, thresholds = roc_curve(masks.ravel(), maps.ravel(), drop_intermediate=False)
+    np.testing.assert_array_equal(curve["fpr"], fpr)
+    np.testing.assert_array_equal(curve["tpr"], tpr)
+    np.testing.assert_array_equal(curve["thresholds"], thresholds)
+
+
+@pytest.mark.parametrize("max_points", [4, 51, 200])
+def test_thinned_pixel_roc_curve_is_on_the_exact_curve_and_dense_enough(max_points):
+    masks, maps = pixel_case()
+    exact = pixel_roc_curve(masks, maps, max_points=None)
+    thinned = pixel_roc_curve(masks, maps, max_points=max_points)
+    assert len(thinned["fpr"]) <= max_points + 1
+    assert (thinned["fpr"][0], thinned["tpr"][0]) == (0.0, 0.0)
+    assert (thinned["fpr"][-1], thinned["tpr"][-1]) == (1.0, 1.0)
+    assert np.all(np.diff(thinned["fpr"]) >= 0) and np.all(np.diff(thinned["tpr"]) >= 0)
+    points = zip(exact["fpr"], exact["tpr"], strict=True)
+    vertices = dict(zip(exact["thresholds"].tolist(), points, strict=True))
+    for threshold, fpr, tpr in zip(thinned["thresholds"], thinned["fpr"], thinned["tpr"], strict=True):
+        assert vertices[threshold] == (fpr, tpr)
+    # Continuous scores, so no ties: each step spans at most one rank interval of either class.
+    per_class = max_points // 2
+    n_defect, n_good = int(masks.sum()), int((~masks).sum())
+    tpr_step = math.ceil((n_defect - 1) / (per_class - 1)) / n_defect
+    fpr_step = math.ceil((n_good - 1) / (per_class - 1)) / n_good
+    assert np.diff(thinned["tpr"]).max() <= tpr_step + 1e-12  # rates are differences of two divisions
+    assert np.diff(thinned["fpr"]).max() <= fpr_step + 1e-12
+    area = np.trapezoid(thinned["tpr"], thinned["fpr"])
+    assert abs(area - pixel_auroc(masks, maps)) <= 4 / max_points
+    again = pixel_roc_curve(masks, maps, max_points=max_points)
+    assert all(np.array_equal(thinned[key], again[key]) for key in thinned)
