@@ -171,6 +171,16 @@ FramingOpt = Annotated[
 CropOpt = Annotated[
     int | None, typer.Option("--crop", help="Side of the square the backbone sees; default 224.")
 ]
+PatchSizeOpt = Annotated[
+    int | None,
+    typer.Option("--patch-size", help="Neighbourhood p each feature is averaged over (odd); default 3."),
+]
+NeighboursOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-neighbors", help="Bank neighbours b of the eq. 7 reweighting; 1 turns it off. Default 9."
+    ),
+]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for coreset and calibration; default 42.")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Images per forward pass; default 8.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch and faiss.")]
@@ -237,6 +247,8 @@ def fit(
     dim: DimOpt = None,
     reduction: ReductionOpt = None,
     stage_weighting: WeightingOpt = None,
+    patch_size: PatchSizeOpt = None,
+    num_neighbors: NeighboursOpt = None,
     image_size: ImageSizeOpt = None,
     framing: FramingOpt = None,
     crop: CropOpt = None,
@@ -596,6 +608,8 @@ _FIT_OPTIONS = (
     "dim",
     "reduction",
     "stage_weighting",
+    "patch_size",
+    "num_neighbors",
     "image_size",
     "framing",
     "crop",
@@ -630,6 +644,8 @@ def benchmark_mvtec(
     dim: DimOpt = None,
     reduction: ReductionOpt = None,
     stage_weighting: WeightingOpt = None,
+    patch_size: PatchSizeOpt = None,
+    num_neighbors: NeighboursOpt = None,
     image_size: ImageSizeOpt = None,
     framing: FramingOpt = None,
     crop: CropOpt = None,
@@ -706,6 +722,8 @@ def benchmark_folder(
     dim: DimOpt = None,
     reduction: ReductionOpt = None,
     stage_weighting: WeightingOpt = None,
+    patch_size: PatchSizeOpt = None,
+    num_neighbors: NeighboursOpt = None,
     image_size: ImageSizeOpt = None,
     framing: FramingOpt = None,
     crop: CropOpt = None,

@@ -43,6 +43,7 @@ class FitConfig:
     projection_dim: int = 128  # paper §3.2: random projection for coreset distances
     seed: int = 42
     num_neighbors: int = 9  # paper eq. 7: b = 9; 1 turns the reweighting off
+    patch_size: int = 3  # paper §3.1: each feature is averaged over a p x p neighbourhood, p = 3
     sigma: float = 4.0  # paper §3.3
     precision: str = "fp32"
     threshold_sigma: float = 3.0
@@ -71,6 +72,7 @@ _INT_FIELDS = {
     "projection_dim",
     "seed",
     "num_neighbors",
+    "patch_size",
     "calibration_images",
     "batch_size",
     "threads",
@@ -122,6 +124,10 @@ def validate(config: FitConfig, source: str = "config") -> FitConfig:
         (config.dim >= 1, f"dim must be positive, got {config.dim}"),
         (config.projection_dim >= 1, f"projection_dim must be positive, got {config.projection_dim}"),
         (config.num_neighbors >= 1, f"num_neighbors must be at least 1, got {config.num_neighbors}"),
+        (
+            config.patch_size >= 1 and config.patch_size % 2 == 1,
+            f"patch_size must be a positive odd number, got {config.patch_size}",
+        ),
         (config.sigma >= 0, f"sigma must be >= 0, got {config.sigma}"),
         (
             config.reduction in REDUCTIONS,
@@ -240,7 +246,7 @@ def build(config_file: Path | None = None, preset: str | None = None, **override
 
 
 # Fields added after format v1 shipped, with the value every older bank was fitted with.
-_BEFORE_FIELD: dict[str, Any] = {"framing": "crop", "stage_weighting": "none"}
+_BEFORE_FIELD: dict[str, Any] = {"framing": "crop", "stage_weighting": "none", "patch_size": 3}
 
 
 def from_bank(stored: Mapping[str, Any], **runtime: Any) -> FitConfig:

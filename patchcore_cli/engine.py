@@ -155,6 +155,7 @@ class Extractor:
                 self.config.reduction,
                 self.config.seed,
                 self.config.stage_weighting,
+                self.config.patch_size,
             )
         return out.numpy()
 

@@ -181,6 +181,24 @@ def test_framing_and_stage_weighting_from_yaml_and_command_line(washer, tmp_path
     assert bad.exit_code == 2 and "framing must be one of crop, whole" in bad.stderr
 
 
+def test_patch_size_and_neighbours_reach_the_bank_and_change_the_scores(washer, tmp_path):
+    scores = {}
+    for p, b in ((3, 9), (5, 3)):
+        path = tmp_path / f"b{p}.st"
+        args = ["fit", washer / "train" / "good", "--out", path, *TINY_OPTIONS]
+        result = invoke(*args, "--patch-size", p, "--num-neighbors", b, "--json")
+        assert result.exit_code == 0, result.output
+        stored = json.loads(result.stdout)["config"]
+        assert (stored["patch_size"], stored["num_neighbors"]) == (p, b)
+        scored = invoke("score", washer / "test" / "hole", "--bank", path, "--json")
+        scores[p] = [r["score"] for r in json.loads(scored.stdout)["results"]]
+    assert scores[3] != scores[5]
+    bad = invoke(
+        "fit", washer / "train" / "good", "--out", tmp_path / "x.st", *TINY_OPTIONS, "--patch-size", "2"
+    )
+    assert bad.exit_code == 2 and "patch_size must be a positive odd number" in bad.stderr
+
+
 def test_preset_is_recorded_in_the_bank_and_options_override_it(washer, tmp_path):
     path = tmp_path / "b.st"
     result = invoke(

@@ -62,6 +62,8 @@ def test_ensemble_members_share_everything_but_the_backbone():
         ({"layers": "layer9"}, "has no stage layer9"),
         ({"framing": "letterbox"}, "framing must be one of crop, whole"),
         ({"stage_weighting": "pca"}, "stage_weighting must be one of equal, none"),
+        ({"patch_size": 4}, "patch_size must be a positive odd number, got 4"),
+        ({"num_neighbors": 0}, "num_neighbors must be at least 1"),
         ({"framing": "whole", "crop": 5000}, "crop must be between 32 and 4096, got 5000"),
         ({"framing": "crop", "image_size": 200}, r"crop must be between 32 and image_size \(200\)"),
     ],

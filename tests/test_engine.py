@@ -136,9 +136,23 @@ def test_banks_from_before_framing_and_weighting_keep_their_behaviour():
     stored = config_mod.build(**TINY_CONFIG, framing="whole", stage_weighting="equal").model_dict()
     assert config_mod.from_bank(stored).framing == "whole"
     assert config_mod.from_bank(stored).stage_weighting == "equal"
-    del stored["framing"], stored["stage_weighting"]  # a bank written before these fields existed
+    del stored["framing"], stored["stage_weighting"], stored["patch_size"]  # a bank from before them
     old = config_mod.from_bank(stored)
-    assert (old.framing, old.stage_weighting) == ("crop", "none")
+    assert (old.framing, old.stage_weighting, old.patch_size) == ("crop", "none", 3)
+
+
+def test_patch_size_is_the_neighbourhood_each_feature_is_averaged_over():
+    import torch
+
+    from patchcore_cli.features import embed
+
+    torch.manual_seed(0)
+    maps = [torch.randn(1, 4, 9, 9), torch.randn(1, 6, 9, 9)]
+    single = embed(maps, 1024, patch_size=1).reshape(9, 9, 10)
+    five = embed(maps, 1024, patch_size=5).reshape(9, 9, 10)
+    # Away from the border, p = 5 is the mean of the 5 x 5 block of p = 1 features (zero padding counts).
+    np.testing.assert_allclose(five[4, 4, :4], single[2:7, 2:7, :4].mean((0, 1)), rtol=1e-5, atol=1e-6)
+    assert embed(maps, 1024).shape == five.reshape(1, 81, 10).shape
 
 
 def test_ensemble_bank_round_trips_and_scores(washer, tmp_path):
