@@ -164,8 +164,19 @@ FramingOpt = Annotated[
     str | None,
     typer.Option(
         "--framing",
-        help="crop: shorter side to --image-size, then the centre --crop square (paper); "
-        "whole: the whole image resized to --crop square, nothing cut off. Default whole.",
+        help="whole: the whole image resized to a --crop square (default); crop: shorter side to "
+        "--image-size, then the centre --crop square (paper); aspect: shorter side to --crop, aspect kept; "
+        "tile: overlapping --tile-size tiles, each resized to --crop.",
+    ),
+]
+TileSizeOpt = Annotated[
+    int | None,
+    typer.Option("--tile-size", help="With --framing tile: tile side in original image pixels."),
+]
+TileOverlapOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--tile-overlap", help="With --framing tile: least overlap of neighbouring tiles; default 0.25."
     ),
 ]
 CropOpt = Annotated[
@@ -251,6 +262,8 @@ def fit(
     num_neighbors: NeighboursOpt = None,
     image_size: ImageSizeOpt = None,
     framing: FramingOpt = None,
+    tile_size: TileSizeOpt = None,
+    tile_overlap: TileOverlapOpt = None,
     crop: CropOpt = None,
     seed: SeedOpt = None,
     batch_size: BatchOpt = None,
@@ -612,6 +625,8 @@ _FIT_OPTIONS = (
     "num_neighbors",
     "image_size",
     "framing",
+    "tile_size",
+    "tile_overlap",
     "crop",
     "batch_size",
     "threads",
@@ -648,6 +663,8 @@ def benchmark_mvtec(
     num_neighbors: NeighboursOpt = None,
     image_size: ImageSizeOpt = None,
     framing: FramingOpt = None,
+    tile_size: TileSizeOpt = None,
+    tile_overlap: TileOverlapOpt = None,
     crop: CropOpt = None,
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,
@@ -726,6 +743,8 @@ def benchmark_folder(
     num_neighbors: NeighboursOpt = None,
     image_size: ImageSizeOpt = None,
     framing: FramingOpt = None,
+    tile_size: TileSizeOpt = None,
+    tile_overlap: TileOverlapOpt = None,
     crop: CropOpt = None,
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,

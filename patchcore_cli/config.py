@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from patchcore_cli.errors import ConfigError
+from patchcore_cli.geometry import FRAMINGS
 
 PRECISIONS = ("fp32", "bf16")
 INDEXES = ("exact", "faiss", "hnsw")  # see scoring.NearestNeighbours
@@ -21,8 +22,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "accurate": {**_MEASURED, "stage_weighting": "equal"},
 }
 MAX_IMAGE_SIZE = 4096  # a bank or config asking for more is refused before any image is resized
+MAX_TILE_SIZE = 65536
 REDUCTIONS = ("avgpool", "random")  # see features.embed
-FRAMINGS = ("crop", "whole")  # see features.preprocess
 STAGE_WEIGHTINGS = ("equal", "none")  # see features.embed
 
 
@@ -35,7 +36,9 @@ class FitConfig:
     layers: tuple[str, ...] = ("layer2", "layer3")
     framing: str = "whole"  # the whole image resized to crop x crop; "crop": paper §4.1
     image_size: int = 256  # framing "crop" (paper §4.1): resize the shorter side to 256 ...
-    crop: int = 224  # ... and centre-crop to 224. Either way, the side of the square the backbone sees
+    crop: int = 224  # ... and centre-crop to 224. The side (shorter side, "aspect") the backbone sees
+    tile_size: int = 0  # framing "tile": the side of a tile in original pixels (required there)
+    tile_overlap: float = 0.25  # framing "tile": the least overlap of neighbouring tiles, as a fraction
     dim: int = 1024  # reference implementation's target embedding dimension
     reduction: str = "avgpool"  # how to reach `dim` when the stages have more channels
     stage_weighting: str = "none"  # "equal": each stage weighs the same in the distance, whatever its width
@@ -73,11 +76,12 @@ _INT_FIELDS = {
     "seed",
     "num_neighbors",
     "patch_size",
+    "tile_size",
     "calibration_images",
     "batch_size",
     "threads",
 }
-_FLOAT_FIELDS = {"coreset", "sigma", "threshold_sigma"}
+_FLOAT_FIELDS = {"coreset", "sigma", "threshold_sigma", "tile_overlap"}
 _STR_FIELDS = {"backbone", "weights", "precision", "reduction", "index", "framing", "stage_weighting"}
 
 
@@ -140,6 +144,14 @@ def validate(config: FitConfig, source: str = "config") -> FitConfig:
         (
             config.framing in FRAMINGS,
             f"framing must be one of {', '.join(FRAMINGS)}, got {config.framing!r}",
+        ),
+        (
+            config.framing != "tile" or 32 <= config.tile_size <= MAX_TILE_SIZE,
+            f"framing tile needs --tile-size between 32 and {MAX_TILE_SIZE} pixels, got {config.tile_size}",
+        ),
+        (
+            0.0 <= config.tile_overlap < 1.0,
+            f"tile_overlap must be in [0, 1), got {config.tile_overlap}",
         ),
         (config.index in INDEXES, f"index must be one of {', '.join(INDEXES)}, got {config.index!r}"),
         (
@@ -246,7 +258,13 @@ def build(config_file: Path | None = None, preset: str | None = None, **override
 
 
 # Fields added after format v1 shipped, with the value every older bank was fitted with.
-_BEFORE_FIELD: dict[str, Any] = {"framing": "crop", "stage_weighting": "none", "patch_size": 3}
+_BEFORE_FIELD: dict[str, Any] = {
+    "framing": "crop",
+    "stage_weighting": "none",
+    "patch_size": 3,
+    "tile_size": 0,
+    "tile_overlap": 0.25,
+}
 
 
 def from_bank(stored: Mapping[str, Any], **runtime: Any) -> FitConfig:

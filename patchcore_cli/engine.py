@@ -21,7 +21,8 @@ import numpy as np
 from patchcore_cli import bank as bank_io
 from patchcore_cli.config import FitConfig
 from patchcore_cli.errors import BankError, ConfigError, ImageError, InputError
-from patchcore_cli.features import Geometry, crop_geometry, embedding_dim, preprocess
+from patchcore_cli.features import embedding_dim
+from patchcore_cli.geometry import Framing, Geometry
 
 MIN_FIT_IMAGES = 2
 """`fit` needs at least this many good images: calibration leaves one image out at a time."""
@@ -79,45 +80,58 @@ def set_threads(threads: int | None) -> None:
 @dataclass
 class Decoded:
     path: Path
-    pixels: np.ndarray | None  # crop x crop x 3 uint8, or None if unreadable
+    views: list[np.ndarray] | None  # one H x W x 3 uint8 array per view (geometry.py), None if unreadable
     geometry: Geometry | None
     error: ImageError | None
 
 
-def _decode(path: Path, config: FitConfig, max_pixels: int) -> Decoded:
+def framing_of(config: FitConfig) -> Framing:
+    """The framing options of a config (see geometry.py)."""
+    return Framing(config.framing, config.crop, config.image_size, config.tile_size, config.tile_overlap)
+
+
+def _decode(path: Path, framing: Framing, max_pixels: int) -> Decoded:
     from patchcore_cli.data import load_image
 
     try:
         image = load_image(path, max_pixels=max_pixels)
     except ImageError as exc:
         return Decoded(path, None, None, exc)
-    size, crop, framing = config.image_size, config.crop, config.framing
-    geometry = crop_geometry(image.size, size, crop, framing)
-    return Decoded(path, preprocess(image, size, crop, framing), geometry, None)
+    geometry = framing.frame(image.size)
+    return Decoded(path, framing.render(image, geometry), geometry, None)
 
 
 def decode_stream(
     paths: Sequence[Path], config: FitConfig, max_pixels: int, timings: Timings
 ) -> Iterator[Decoded]:
-    """Decode and preprocess images in a background thread, a few ahead of the consumer.
+    """Decode and frame images in a background thread, a few ahead of the consumer.
 
     Pillow releases the GIL while decoding and resizing, so this overlaps with the backbone.
     """
     lookahead = max(2, 2 * config.batch_size)
+    framing = framing_of(config)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
         pending: deque[Future[Decoded]] = deque()
         queue = iter(paths)
         for path in queue:
-            pending.append(pool.submit(_decode, Path(path), config, max_pixels))
+            pending.append(pool.submit(_decode, Path(path), framing, max_pixels))
             if len(pending) >= lookahead:
                 break
         while pending:
             with timings.stage("decode (waiting)"):
                 item = pending.popleft().result()
             for path in queue:
-                pending.append(pool.submit(_decode, Path(path), config, max_pixels))
+                pending.append(pool.submit(_decode, Path(path), framing, max_pixels))
                 break
             yield item
+
+
+@dataclass
+class Patches:
+    """One image's patch embeddings under one backbone: every view's grid, view after view."""
+
+    rows: np.ndarray  # P x D float32, P = sum of h * w over the views
+    grids: list[tuple[int, int]]  # (h, w) of each view's patch grid, in view order
 
 
 class Extractor:
@@ -132,8 +146,6 @@ class Extractor:
         self.trunk = Trunk(self.loaded, config.layers)
         self.trunk.set_precision(config.precision)
         self.dim = embedding_dim(self.trunk.channels, config.dim)
-        stride = self.loaded.spec.strides[self.trunk.layers[0]]
-        self.grid = math.ceil(config.crop / stride)
 
     @property
     def random_weights(self) -> bool:
@@ -141,13 +153,13 @@ class Extractor:
 
         return self.loaded.weights_source == RANDOM_WEIGHTS
 
-    def __call__(self, pixels: Sequence[np.ndarray], timings: Timings) -> np.ndarray:
-        """B crops (H x W x 3 uint8) -> B x P x D float32 embeddings, P = grid * grid."""
+    def __call__(self, pixels: Sequence[np.ndarray], timings: Timings) -> tuple[np.ndarray, tuple[int, int]]:
+        """B same-size views (H x W x 3 uint8) -> (B x P x D float32 embeddings, their (h, w) grid)."""
         from patchcore_cli.features import embed, to_tensor
 
         with timings.stage("backbone"):
             maps = self.trunk(to_tensor(pixels))
-        self.grid = maps[self.trunk.layers[0]].shape[-1]
+        grid = tuple(maps[self.trunk.layers[0]].shape[-2:])
         with timings.stage("aggregate + reduce"):
             out = embed(
                 [maps[name] for name in self.trunk.layers],
@@ -157,7 +169,28 @@ class Extractor:
                 self.config.stage_weighting,
                 self.config.patch_size,
             )
-        return out.numpy()
+        return out.numpy(), (int(grid[0]), int(grid[1]))
+
+    def embed_views(self, items: Sequence[Decoded], timings: Timings) -> list[Patches]:
+        """The views of readable images -> one Patches per image. Views of the same size share forward
+        passes of up to batch_size views."""
+        by_size: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        for i, item in enumerate(items):
+            for v, view in enumerate(item.views or []):
+                by_size.setdefault(view.shape, []).append((i, v))
+        found: dict[tuple[int, int], tuple[np.ndarray, tuple[int, int]]] = {}
+        for members in by_size.values():
+            for lo in range(0, len(members), self.config.batch_size):
+                chunk = members[lo : lo + self.config.batch_size]
+                rows, grid = self([items[i].views[v] for i, v in chunk], timings)
+                for (i, v), image_rows in zip(chunk, rows, strict=True):
+                    found[i, v] = (image_rows, grid)
+        patches = []
+        for i, item in enumerate(items):
+            views = [found[i, v] for v in range(len(item.views or []))]
+            rows = views[0][0] if len(views) == 1 else np.concatenate([r for r, _ in views])
+            patches.append(Patches(rows, [g for _, g in views]))
+        return patches
 
 
 def embed_paths(
@@ -167,26 +200,28 @@ def embed_paths(
     progress: Progress,
     max_pixels: int,
     skip_bad: bool = False,
-) -> Iterator[tuple[list[Decoded], list[np.ndarray]]]:
-    """Yield (decoded images, [B x P x D embeddings per extractor]) batch by batch; each image is decoded
-    once however many backbones look at it. Unreadable images raise ImageError, or with `skip_bad` are
-    yielded without an embedding row so the caller can list them."""
+) -> Iterator[tuple[list[Decoded], list[list[Patches]]]]:
+    """Yield (decoded images, [per extractor: one Patches per readable image]) batch by batch, a batch
+    holding about batch_size views; each image is decoded once however many backbones look at it.
+    Unreadable images raise ImageError, or with `skip_bad` are yielded without patches so the caller can
+    list them."""
     batch: list[Decoded] = []
     config = extractors[0].config
 
-    def flush() -> tuple[list[Decoded], list[np.ndarray]]:
-        good = [item.pixels for item in batch if item.pixels is not None]
-        empty = np.empty((0, 0, 0), np.float32)
-        return batch, [extractor(good, timings) if good else empty for extractor in extractors]
+    def flush() -> tuple[list[Decoded], list[list[Patches]]]:
+        good = [item for item in batch if item.views is not None]
+        return batch, [extractor.embed_views(good, timings) for extractor in extractors]
 
+    views = 0
     for item in decode_stream(paths, config, max_pixels, timings):
         if item.error is not None and not skip_bad:
             raise item.error
         batch.append(item)
-        if sum(entry.pixels is not None for entry in batch) == config.batch_size:
+        views += len(item.views or [])
+        if views >= config.batch_size:
             yield flush()
             progress.advance(len(batch))
-            batch = []
+            batch, views = [], 0
     if batch:
         yield flush()
         progress.advance(len(batch))
@@ -218,7 +253,7 @@ class _MemberFit:
     extractor: Extractor
     n_patches: int
     loo_scores: np.ndarray  # C image scores of the calibration images, NaN where one was skipped
-    loo_maps: np.ndarray  # C x crop x crop anomaly maps of the same images
+    loo_maps: list[np.ndarray]  # the anomaly maps of the same images (each in its image's map frame)
 
 
 def fit(
@@ -252,7 +287,10 @@ def fit(
     else:
         standard = [Standardisation.of(p.bank.calibration) for p in parts]
         scores = np.mean([s.image(p.loo_scores) for s, p in zip(standard, parts, strict=True)], 0)
-        maps = np.mean([s.pixel(p.loo_maps) for s, p in zip(standard, parts, strict=True)], 0)
+        maps = [
+            np.mean([s.pixel(p.loo_maps[i]) for s, p in zip(standard, parts, strict=True)], 0)
+            for i in range(len(scores))
+        ]
         bank = bank_io.Bank(
             memory_bank=parts[0].bank.memory_bank,
             config={**config.model_dict(), "weights_file": None},
@@ -291,6 +329,34 @@ class Standardisation:
         return (maps - self.pixel_shift) / self.pixel_scale
 
 
+@dataclass
+class TrainingPatches:
+    """Every patch of the training images under one backbone, image after image."""
+
+    rows: np.ndarray  # N x D float32
+    offsets: np.ndarray  # n_images + 1: image i owns rows offsets[i] .. offsets[i + 1] - 1
+    grids: list[list[tuple[int, int]]]  # per image, its views' patch grids
+    geometries: list[Geometry]
+
+    @classmethod
+    def collect(cls, batches: Iterator[tuple[list[Decoded], list[list[Patches]]]]) -> TrainingPatches:
+        patches: list[Patches] = []
+        geometries: list[Geometry] = []
+        for decoded, embedded in batches:
+            patches += embedded[0]
+            geometries += [item.geometry for item in decoded if item.geometry is not None]
+        sizes = [len(p.rows) for p in patches]
+        rows = np.concatenate([p.rows for p in patches])
+        return cls(rows, np.concatenate([[0], np.cumsum(sizes)]), [p.grids for p in patches], geometries)
+
+    @property
+    def image_of_row(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.geometries)), np.diff(self.offsets))
+
+    def image(self, index: int) -> np.ndarray:
+        return self.rows[self.offsets[index] : self.offsets[index + 1]]
+
+
 def _fit_member(
     paths: Sequence[Path], config: FitConfig, timings: Timings, progress: Progress, max_pixels: int
 ) -> _MemberFit:
@@ -299,12 +365,8 @@ def _fit_member(
     with timings.stage("load backbone"):
         extractor = Extractor(config)
     progress.start("features", len(paths))
-    chunks = [
-        embeddings[0] for _, embeddings in embed_paths(paths, [extractor], timings, progress, max_pixels)
-    ]
-    per_image = np.concatenate(chunks)  # n x P x D
-    n_images, n_patches_per_image, dim = per_image.shape
-    flat = per_image.reshape(-1, dim)  # n*P x D
+    training = TrainingPatches.collect(embed_paths(paths, [extractor], timings, progress, max_pixels))
+    flat = training.rows  # N x D
 
     n_select = max(1, round(config.coreset * flat.shape[0]))
     progress.start("coreset", None)
@@ -314,94 +376,94 @@ def _fit_member(
         else:
             selected = greedy_coreset(flat, n_select, projection_dim=config.projection_dim, seed=config.seed)
     memory_bank = np.ascontiguousarray(flat[selected])
-    source_image = (selected // n_patches_per_image).astype(np.int64)
+    source_image = training.image_of_row[selected]
 
     with timings.stage("calibrate"):
-        scores, maps = leave_one_out(per_image, memory_bank, source_image, extractor.grid, config, progress)
+        scores, maps = leave_one_out(training, memory_bank, source_image, config, progress)
         calibration = calibrate(scores, maps, config.threshold_sigma)
     bank = bank_io.Bank(
         memory_bank=memory_bank,
         config={
             **config.model_dict(),
-            "embedding_dim": int(dim),
-            "grid": extractor.grid,
+            "embedding_dim": int(flat.shape[1]),
             "weights_file": extractor.loaded.weights_source if config.weights else None,
         },
         calibration=calibration,
         weights_sha256=extractor.loaded.weights_sha256,
-        n_train_images=n_images,
+        n_train_images=len(training.geometries),
     )
     return _MemberFit(bank, extractor, int(flat.shape[0]), scores, maps)
 
 
 def leave_one_out(
-    per_image: np.ndarray,
+    training: TrainingPatches,
     memory_bank: np.ndarray,
     source_image: np.ndarray,
-    grid: int,
     config: FitConfig,
     progress: Progress,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """Scores and maps of good training images, each against the bank with its own patches removed.
 
     That is how a new good image meets the bank, so these are honest good-image statistics without
     holding images back from the bank. A seeded sample of up to `calibration_images` images is used.
     The exact index is built once and each image's queries skip its own rows; the approximate indexes
     cannot skip rows, so they are rebuilt without them per image.
-    Returns (C scores, C x crop x crop maps); an image that supplied the whole bank gets NaN.
+    Returns (C scores, C maps); an image that supplied the whole bank gets NaN and an all-zero map.
     """
-    import torch
+    from patchcore_cli.scoring import NearestNeighbours, image_map, image_score
 
-    from patchcore_cli.scoring import NearestNeighbours, anomaly_map, image_score
-
-    n_images, n_patches, dim = per_image.shape
+    n_images = len(training.geometries)
     rng = np.random.default_rng(config.seed)
     chosen = np.sort(rng.permutation(n_images)[: min(n_images, config.calibration_images)])
     progress.start("calibration", len(chosen))
     scores = np.full(len(chosen), np.nan)
-    patch_maps = np.zeros((len(chosen), n_patches), dtype=np.float32)
+    maps: list[np.ndarray] = []
     shared = NearestNeighbours(memory_bank, "exact", source_image) if config.index == "exact" else None
     for lo in range(0, len(chosen), config.batch_size):
         batch = chosen[lo : lo + config.batch_size]
+        patches = [training.image(int(index)) for index in batch]
         if shared is not None:
-            skip = np.repeat(batch, n_patches)
-            found = shared.search(per_image[batch].reshape(-1, dim), 1, skip)
-            distances = found[0][:, 0].reshape(len(batch), n_patches)
-            nearest = found[1][:, 0].reshape(len(batch), n_patches)
-            searches = [shared] * len(batch)
+            skip = np.concatenate([np.full(len(p), index) for p, index in zip(patches, batch, strict=True)])
+            found_d, found_i = shared.search(np.concatenate(patches), 1, skip)
+            ends = np.cumsum([len(p) for p in patches])[:-1]
+            found = list(zip(np.split(found_d[:, 0], ends), np.split(found_i[:, 0], ends), strict=True))
+            searches: list[NearestNeighbours | None] = [shared] * len(batch)
             skips: list[int | None] = [int(index) for index in batch]
         else:
-            distances = np.empty((len(batch), n_patches), np.float32)
-            nearest = np.empty((len(batch), n_patches), np.int64)
-            searches, skips = [], []
-            for row, index in enumerate(batch):
+            found, searches, skips = [], [], []
+            for index, rows in zip(batch, patches, strict=True):
                 keep = source_image != index
                 search = NearestNeighbours(memory_bank[keep], config.index) if keep.any() else None
-                if search is not None:
-                    found_d, found_i = search.search(per_image[index], 1)
-                    distances[row], nearest[row] = found_d[:, 0], found_i[:, 0]
-                else:
-                    distances[row] = np.inf
+                result = search.search(rows, 1) if search is not None else None
+                found.append(
+                    (result[0][:, 0], result[1][:, 0])
+                    if result is not None
+                    else (np.full(len(rows), np.inf, np.float32), np.full(len(rows), -1))
+                )
                 searches.append(search)
                 skips.append(None)
-        for row, index in enumerate(batch):
-            if searches[row] is not None and np.isfinite(distances[row]).all():
-                scores[lo + row] = image_score(
-                    per_image[index], distances[row], nearest[row], searches[row], config.num_neighbors,
-                    skips[row],
-                )  # fmt: skip
-                patch_maps[lo + row] = distances[row]
+        for row, (index, rows) in enumerate(zip(batch, patches, strict=True)):
+            distances, nearest = found[row]
+            geometry = training.geometries[index]
+            if searches[row] is None or not np.isfinite(distances).all():
+                width, height = geometry.map_size
+                maps.append(np.zeros((height, width), np.float32))
+                continue
+            scores[lo + row] = image_score(
+                rows, distances, nearest, searches[row], config.num_neighbors, skips[row]
+            )
+            maps.append(image_map(distances, training.grids[index], geometry, config.sigma))
         progress.advance(len(batch))
-    maps = anomaly_map(torch.from_numpy(patch_maps.reshape(-1, grid, grid)), config.crop, config.sigma)
-    return scores, maps.numpy()
+    return scores, maps
 
 
-def calibrate(scores: np.ndarray, maps: np.ndarray, k: float) -> dict[str, Any]:
-    """Leave-one-out scores (C, NaN where skipped) and maps (C x H x W) -> the calibration record."""
+def calibrate(scores: np.ndarray, maps: Sequence[np.ndarray], k: float) -> dict[str, Any]:
+    """Leave-one-out scores (C, NaN where skipped) and their C maps -> the calibration record."""
     valid = np.isfinite(scores)
     if valid.sum() < 2:
         raise InputError("fit: too few distinct good images to calibrate a threshold (need at least 2)")
-    return threshold_from_scores(scores[valid], maps[valid].reshape(int(valid.sum()), -1).max(1), k)
+    maxima = np.array([float(amap.max()) for amap, ok in zip(maps, valid, strict=True) if ok])
+    return threshold_from_scores(scores[valid], maxima, k)
 
 
 def threshold_from_scores(image_scores: np.ndarray, map_maxima: np.ndarray, k: float) -> dict[str, Any]:
@@ -433,7 +495,7 @@ class ScoreResult:
     score: float | None = None
     normalized: float | None = None
     anomalous: bool | None = None
-    anomaly_map: np.ndarray | None = None  # crop x crop float32, in the crop's pixel frame
+    anomaly_map: np.ndarray | None = None  # float32, in the geometry's map frame (map_size over its box)
     geometry: Geometry | None = None
     error: str | None = None
 
@@ -580,39 +642,37 @@ class Scorer:
         return results
 
     def _score_batch(
-        self, items: list[Decoded], embeddings: list[np.ndarray], keep_maps: bool
+        self, items: list[Decoded], embeddings: list[list[Patches]], keep_maps: bool
     ) -> list[ScoreResult]:
-        """Score a batch: per backbone, one search over all the batch's patches (B x P x D each)."""
-        import torch
-
-        from patchcore_cli.scoring import anomaly_map, image_score
+        """Score a batch: per backbone, one search over all the batch's patches."""
+        from patchcore_cli.scoring import image_map, image_score
 
         if not items:
             return []
         scores = np.zeros(len(items))
-        maps = None
+        maps: list[np.ndarray] | None = None
         for part, patches in zip(self.parts, embeddings, strict=True):
-            count, per_image, dim = patches.shape
             with self.timings.stage("nearest-neighbour search"):
-                distances, nearest = part.search.search(patches.reshape(-1, dim), 1)
-                distances = distances[:, 0].reshape(count, per_image)
-                nearest = nearest[:, 0].reshape(count, per_image)
+                distances, nearest = part.search.search(np.concatenate([p.rows for p in patches]), 1)
+                ends = np.cumsum([len(p.rows) for p in patches])[:-1]
+                distances, nearest = np.split(distances[:, 0], ends), np.split(nearest[:, 0], ends)
                 raw = np.array(
                     [
-                        image_score(
-                            patches[i], distances[i], nearest[i], part.search, part.config.num_neighbors
-                        )
-                        for i in range(count)
+                        image_score(p.rows, d, n, part.search, part.config.num_neighbors)
+                        for p, d, n in zip(patches, distances, nearest, strict=True)
                     ]
                 )
             scores += part.standard.image(raw) / len(self.parts)
             if keep_maps:
                 with self.timings.stage("map upsample + blur"):
-                    grid = part.extractor.grid
-                    patch_maps = torch.from_numpy(distances.reshape(count, grid, grid))
-                    part_maps = anomaly_map(patch_maps, self.config.crop, self.config.sigma).numpy()
-                    part_maps = part.standard.pixel(part_maps) / len(self.parts)
-                    maps = part_maps if maps is None else maps + part_maps
+                    part_maps = [
+                        part.standard.pixel(image_map(d, p.grids, item.geometry, self.config.sigma))
+                        / len(self.parts)
+                        for p, d, item in zip(patches, distances, items, strict=True)
+                    ]
+                    maps = (
+                        part_maps if maps is None else [a + b for a, b in zip(maps, part_maps, strict=True)]
+                    )
         return [
             ScoreResult(
                 path=item.path,

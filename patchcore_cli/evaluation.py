@@ -18,7 +18,7 @@ from patchcore_cli import metrics
 from patchcore_cli.config import FitConfig
 from patchcore_cli.data import DEFAULT_MAX_PIXELS, Sample, Split
 from patchcore_cli.engine import Progress, Scorer, ScoreResult, _Silent, fit
-from patchcore_cli.features import Geometry
+from patchcore_cli.geometry import Geometry
 
 
 @dataclass
@@ -144,13 +144,13 @@ def evaluate(
 ) -> Evaluation:
     """Score `split.test` and compute image metrics (and pixel AUROC + AUPRO when masks are wanted).
 
-    Masks are resized and cropped exactly like their images, so pixel metrics are computed at the
-    evaluation resolution (crop x crop), over every test pixel. With `report_cases`, the result also holds
-    the `Visuals` of the HTML report, with that many hardest cases per class; without pixel metrics, the
-    other images' maps are dropped as soon as they are scored.
+    Masks are framed exactly like their images, so pixel metrics are computed in each image's map frame
+    (crop x crop for the square framings; see geometry.py), over every test pixel. With `report_cases`,
+    the result also holds the `Visuals` of the HTML report, with that many hardest cases per class;
+    without pixel metrics, the other images' maps are dropped as soon as they are scored.
     """
     from patchcore_cli.data import load_mask
-    from patchcore_cli.features import preprocess_mask
+    from patchcore_cli.engine import framing_of
 
     samples = split.test
     hardest = _Hardest(report_cases) if report_cases else None
@@ -178,13 +178,15 @@ def evaluate(
     image = metrics.image_metrics(labels, scores, types, scorer.threshold)
     pixel = pixel_roc = None
     if pixel_metrics:
-        config = scorer.config
-        masks = np.zeros((len(samples), config.crop, config.crop), dtype=bool)
-        for index, (sample, result) in enumerate(zip(samples, results, strict=True)):
-            if sample.mask is not None:
+        framing = framing_of(scorer.config)
+        masks = []
+        for sample, result in zip(samples, results, strict=True):
+            if sample.mask is None:
+                masks.append(np.zeros(result.anomaly_map.shape, dtype=bool))
+            else:
                 raw = load_mask(sample.mask, size=result.geometry.original_size, max_pixels=max_pixels)
-                masks[index] = preprocess_mask(raw, config.image_size, config.crop, config.framing)
-        maps = np.stack([r.anomaly_map for r in results]).astype(np.float32)
+                masks.append(framing.mask(raw, result.geometry))
+        maps = [r.anomaly_map.astype(np.float32, copy=False) for r in results]
         pixel = metrics.pixel_metrics(masks, maps)
         if report_cases is not None:
             pixel_roc = metrics.pixel_roc_curve(masks, maps)

@@ -1,11 +1,10 @@
-"""Image batch -> patch embeddings (paper §3.1): preprocessing, local aggregation, resize, reduction."""
+"""Image batch -> patch embeddings (paper §3.1): backbone trunk, local aggregation, resize, reduction."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,63 +14,7 @@ from patchcore_cli.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
     from torch import nn
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How an original image maps onto the inspected crop.
-
-    The image is resized so its shorter side is `resize` pixels, then centre-cropped to `crop` x `crop`
-    (paper §4.1). `box` is the crop's (left, top, right, bottom) in original-image pixels.
-    """
-
-    original_size: tuple[int, int]  # (width, height)
-    box: tuple[float, float, float, float]
-
-
-def crop_geometry(size: tuple[int, int], resize: int, crop: int, framing: str = "crop") -> Geometry:
-    width, height = size
-    if framing == "whole":
-        return Geometry(original_size=(width, height), box=(0.0, 0.0, float(width), float(height)))
-    scale = resize / min(width, height)
-    new_w, new_h = round(width * scale), round(height * scale)
-    left, top = (new_w - crop) / 2, (new_h - crop) / 2
-    return Geometry(
-        original_size=(width, height),
-        box=(left / scale, top / scale, (left + crop) / scale, (top + crop) / scale),
-    )
-
-
-def preprocess(image: Image.Image, resize: int, crop: int, framing: str = "crop") -> np.ndarray:
-    """RGB PIL image -> crop x crop x 3 uint8 array, framed one of two ways:
-
-    - "crop" (paper §4.1): shorter side to `resize`, then the centre `crop` x `crop`. Whatever lies
-      outside the crop is not inspected.
-    - "whole": the whole image resized to `crop` x `crop` (`resize` is not used). Nothing is cut off; a
-      non-square image is stretched, the same way at fit and at score time.
-    """
-    from PIL import Image as PILImage
-
-    if framing == "whole":
-        whole = image.resize((crop, crop), PILImage.Resampling.BILINEAR, reducing_gap=3.0)
-        return np.asarray(whole, dtype=np.uint8)
-    width, height = image.size
-    scale = resize / min(width, height)
-    new_w, new_h = max(crop, round(width * scale)), max(crop, round(height * scale))
-    resized = image.resize((new_w, new_h), PILImage.Resampling.BILINEAR, reducing_gap=3.0)
-    left, top = (new_w - crop) // 2, (new_h - crop) // 2
-    return np.asarray(resized.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
-
-
-def preprocess_mask(mask: np.ndarray, resize: int, crop: int, framing: str = "crop") -> np.ndarray:
-    """H x W bool mask -> square bool mask, transformed exactly like its image (`preprocess`)."""
-    from PIL import Image as PILImage
-
-    image = PILImage.fromarray(mask.astype(np.uint8) * 255)
-    # Resize as the image is resized, then binarise at half height: thin defects survive downscaling.
-    return preprocess(image.convert("RGB"), resize, crop, framing)[..., 0] >= 128
 
 
 class Trunk:

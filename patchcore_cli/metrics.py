@@ -11,6 +11,8 @@ only one class is present) is returned as `float("nan")`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 GOOD = "good"  # the defect type of anomaly-free images, as MVTec AD names its folders
@@ -31,17 +33,26 @@ def _check_image_inputs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndar
     return labels.astype(bool), scores
 
 
-def _check_pixel_inputs(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validate pixel-level inputs. N x H x W masks (nonzero = defect), N x H x W maps -> (bool, maps)."""
-    masks = np.asarray(masks)
-    maps = np.asarray(maps)
-    if masks.ndim != 3 or masks.shape != maps.shape:
-        raise ValueError(
-            f"masks and maps must be N x H x W arrays of equal shape, got {masks.shape} and {maps.shape}"
-        )
-    if not np.issubdtype(maps.dtype, np.number) or not np.isfinite(maps).all():
-        raise ValueError("anomaly maps must hold finite numbers (no NaN or infinity)")
-    return masks.astype(bool, copy=False), maps
+def _check_pixel_inputs(
+    masks: np.ndarray | Sequence[np.ndarray], maps: np.ndarray | Sequence[np.ndarray]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Validate pixel-level inputs: N masks (nonzero = defect) and N maps, as N x H x W arrays or as
+    sequences of 2-D arrays whose sizes may differ between images (each mask the size of its map).
+    Returns ([N bool H_i x W_i], [N H_i x W_i maps])."""
+    if len(masks) != len(maps):
+        raise ValueError(f"masks and maps must be as many, got {len(masks)} and {len(maps)}")
+    mask_list, map_list = [], []
+    for mask, amap in zip(masks, maps, strict=True):
+        mask, amap = np.asarray(mask), np.asarray(amap)
+        if mask.ndim != 2 or mask.shape != amap.shape:
+            raise ValueError(
+                f"each mask and its map must be 2-D arrays of equal shape, got {mask.shape} and {amap.shape}"
+            )
+        if not np.issubdtype(amap.dtype, np.number) or not np.isfinite(amap).all():
+            raise ValueError("anomaly maps must hold finite numbers (no NaN or infinity)")
+        mask_list.append(mask.astype(bool, copy=False))
+        map_list.append(amap)
+    return mask_list, map_list
 
 
 def _check_fpr_limit(fpr_limit: float) -> None:
@@ -63,14 +74,16 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def _split_scores(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """N x H x W masks and maps -> (scores of defect pixels, scores of good pixels sorted ascending).
+def _split_scores(masks: list[np.ndarray], maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """N masks and maps -> (scores of defect pixels, image by image in row-major order; scores of good
+    pixels sorted ascending).
 
     Sorting only the good pixels, in place and without an index array, keeps the peak memory near one copy
     of the maps even for 900 x 900 images.
     """
-    positives = maps[masks]
-    negatives = maps[~masks]
+    empty = np.empty(0, dtype=maps[0].dtype if maps else np.float32)
+    positives = np.concatenate([empty, *(amap[mask] for mask, amap in zip(masks, maps, strict=True))])
+    negatives = np.concatenate([empty, *(amap[~mask] for mask, amap in zip(masks, maps, strict=True))])
     negatives.sort()
     return positives, negatives
 
@@ -99,8 +112,8 @@ def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     return _auroc_from_split(*_split_scores(masks, maps))
 
 
-def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
-    """N x H x W bool masks -> (weight of each defect pixel in `maps[masks]` order, number of regions).
+def _region_weights(masks: list[np.ndarray]) -> tuple[np.ndarray, int]:
+    """N bool masks -> (weight of each defect pixel in `_split_scores` order, number of regions).
 
     A region is a connected component of one image's mask under 8-connectivity, the 3 x 3 all-ones
     structuring element of the official MVTec AD evaluation script (Bergmann et al., IJCV 2021).
@@ -152,9 +165,9 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
 
 
 def _aupro_from_split(
-    masks: np.ndarray, positives: np.ndarray, negatives: np.ndarray, fpr_limit: float
+    masks: list[np.ndarray], positives: np.ndarray, negatives: np.ndarray, fpr_limit: float
 ) -> float:
-    """AUPRO from N x H x W bool masks, P defect scores in `maps[masks]` order, M good scores ascending."""
+    """AUPRO from N bool masks, P defect scores in `_split_scores` order, M good scores ascending."""
     weights, n_regions = _region_weights(masks)
     if n_regions == 0 or negatives.size == 0:
         return float("nan")
@@ -318,7 +331,8 @@ def image_metrics(
 
 
 def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> dict:
-    """Every pixel-level metric. N x H x W masks, N x H x W maps -> {"pixel_auroc": ..., "aupro": ...}.
+    """Every pixel-level metric. N x H x W masks, N x H x W maps (or sequences of 2-D arrays whose sizes
+    may differ per image) -> {"pixel_auroc": ..., "aupro": ...}.
 
     See `pixel_auroc` and `aupro`; the good pixels are split off and sorted once for both.
     """

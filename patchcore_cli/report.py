@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from patchcore_cli.engine import FitResult, ScoreResult
-    from patchcore_cli.features import Geometry
+    from patchcore_cli.geometry import Geometry
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -156,10 +156,10 @@ def _colormap(values: np.ndarray) -> np.ndarray:
 
 
 def map_to_original(amap: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
-    """Crop-frame map -> (H x W map in the original image's pixels, H x W bool 'was inspected').
+    """Map in its map frame -> (H x W map in the original image's pixels, H x W bool 'was inspected').
 
-    The map is stretched back over exactly the crop's box, so it lines up with the original image;
-    pixels outside the box were cut off by the centre crop and were not inspected.
+    The map is stretched back over exactly the box it covers, so it lines up with the original image;
+    pixels outside the box (the border the centre crop cuts off) were not inspected.
     """
     from PIL import Image
 

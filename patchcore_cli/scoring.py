@@ -10,6 +10,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from patchcore_cli.geometry import Geometry
+
 SIGMA = 4.0  # paper §3.3: Gaussian smoothing of the upsampled map, sigma = 4
 NUM_NEIGHBORS = 9  # paper eq. 7: b = 9 bank neighbours of m* for the reweighting
 
@@ -98,6 +100,26 @@ def image_score(
     softmax = np.exp(gaps - gaps.max())
     softmax /= softmax.sum()
     return float((1.0 - softmax[0]) * score)
+
+
+def image_map(
+    distances: np.ndarray, grids: list[tuple[int, int]], geometry: Geometry, sigma: float = SIGMA
+) -> np.ndarray:
+    """One image's patch scores (P, its views' grids one after another) -> its anomaly map, float32 H x W
+    in the geometry's map frame: each view's grid upsampled onto its place, then blurred (§3.3)."""
+    import torch
+
+    from patchcore_cli.geometry import stitch
+
+    views, start = [], 0
+    for height, width in grids:
+        views.append(
+            torch.from_numpy(
+                np.ascontiguousarray(distances[start : start + height * width], np.float32)
+            ).reshape(height, width)
+        )
+        start += height * width
+    return stitch(views, geometry, sigma).numpy()
 
 
 def anomaly_map(patch_scores: torch.Tensor, size: int, sigma: float = SIGMA) -> torch.Tensor:

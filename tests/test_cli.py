@@ -178,7 +178,7 @@ def test_framing_and_stage_weighting_from_yaml_and_command_line(washer, tmp_path
     scored = invoke("score", washer / "test", "--bank", path, "--json")
     assert scored.exit_code == 0, scored.output
     bad = invoke(*args, "--framing", "letterbox")
-    assert bad.exit_code == 2 and "framing must be one of crop, whole" in bad.stderr
+    assert bad.exit_code == 2 and "framing must be one of whole, crop, aspect, tile" in bad.stderr
 
 
 def test_patch_size_and_neighbours_reach_the_bank_and_change_the_scores(washer, tmp_path):

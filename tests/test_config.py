@@ -60,7 +60,7 @@ def test_ensemble_members_share_everything_but_the_backbone():
         ({"index": "annoy"}, "index must be one of"),
         ({"image_size": 10000}, "image_size must be between 32 and 4096"),
         ({"layers": "layer9"}, "has no stage layer9"),
-        ({"framing": "letterbox"}, "framing must be one of crop, whole"),
+        ({"framing": "letterbox"}, "framing must be one of whole, crop, aspect, tile"),
         ({"stage_weighting": "pca"}, "stage_weighting must be one of equal, none"),
         ({"patch_size": 4}, "patch_size must be a positive odd number, got 4"),
         ({"num_neighbors": 0}, "num_neighbors must be at least 1"),

@@ -10,7 +10,7 @@ from patchcore_cli import config as config_mod
 from patchcore_cli.data import list_images
 from patchcore_cli.engine import Scorer, fit, threshold_from_scores
 from patchcore_cli.errors import InputError
-from patchcore_cli.features import crop_geometry, preprocess, preprocess_mask
+from patchcore_cli.geometry import Framing, preprocess
 from tests.conftest import TINY_CONFIG
 
 
@@ -79,8 +79,9 @@ def test_mask_follows_the_image_transform():
     mask = np.zeros((100, 200), dtype=bool)
     mask[40:60, 90:110] = True
     image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).convert("RGB")
-    np.testing.assert_array_equal(preprocess_mask(mask, 64, 48), preprocess(image, 64, 48)[..., 0] >= 128)
-    geometry = crop_geometry((200, 100), 64, 48)
+    framing = Framing("crop", crop=48, image_size=64)
+    geometry = framing.frame((200, 100))
+    np.testing.assert_array_equal(framing.mask(mask, geometry), preprocess(image, 64, 48)[..., 0] >= 128)
     left, top, right, bottom = geometry.box
     assert (right - left) == pytest.approx(75.0) and (bottom - top) == pytest.approx(75.0)
     assert left == pytest.approx(62.5) and top == pytest.approx(12.5)
@@ -91,15 +92,19 @@ def test_whole_framing_keeps_what_the_crop_cuts_off():
     mask = np.zeros((100, 200), dtype=bool)
     mask[40:60, 180:196] = True
     image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).convert("RGB")
-    assert not preprocess_mask(mask, 64, 48).any()
+    crop = Framing("crop", crop=48, image_size=64)
+    assert not crop.mask(mask, crop.frame((200, 100))).any()
     whole = preprocess(image, 64, 48, "whole")
     assert whole.shape == (48, 48, 3)
-    kept = preprocess_mask(mask, 64, 48, "whole")
+    framing = Framing("whole", crop=48, image_size=64)
+    geometry = framing.frame((200, 100))
+    kept = framing.mask(mask, geometry)
     np.testing.assert_array_equal(kept, whole[..., 0] >= 128)
+    np.testing.assert_array_equal(framing.render(image, geometry)[0], whole)
     rows, cols = np.nonzero(kept)
     # x 180..196 of 200 -> 43.2..47.0 of 48; y 40..60 of 100 -> 19.2..28.8
     assert cols.min() >= 42 and rows.min() >= 18 and rows.max() <= 29
-    assert crop_geometry((200, 100), 64, 48, "whole").box == (0.0, 0.0, 200.0, 100.0)
+    assert geometry.box == (0.0, 0.0, 200.0, 100.0)
 
 
 def test_whole_framing_finds_a_defect_at_the_edge(tmp_path):
