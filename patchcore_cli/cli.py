@@ -201,6 +201,13 @@ IndexOpt = Annotated[
         "--index", help="Nearest-neighbour search: exact (default), faiss (exact), hnsw (approximate)."
     ),
 ]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        help="auto (default): CUDA when torch sees a GPU, else the CPU; cpu; or cuda. Banks work on either.",
+    ),
+]
 PrecisionOpt = Annotated[
     str | None, typer.Option("--precision", help="fp32 (default) or bf16 (channels-last + autocast).")
 ]
@@ -269,6 +276,7 @@ def fit(
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,
     index: IndexOpt = None,
+    device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     preset: PresetOpt = None,
     config_file: ConfigOpt = None,
@@ -279,9 +287,11 @@ def fit(
     from patchcore_cli import bank as bank_io
     from patchcore_cli import config as config_mod
     from patchcore_cli.data import list_images
+    from patchcore_cli.device import resolve
     from patchcore_cli.engine import fit as run_fit
 
     config = config_mod.build(config_file, preset=preset, backbone=backbone, **_fit_overrides(locals()))
+    resolve(config.device)  # a missing GPU fails now, before any image is read
     paths = list_images(inputs)
     bank_io.check_destination(out_path)  # a mistyped --out fails now, not after the whole fit
     _warn_random(config.weights == "random")
@@ -332,6 +342,7 @@ def score(
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,
     index: IndexOpt = None,
+    device: DeviceOpt = None,
     max_pixels: MaxPixelsOpt = None,
 ) -> None:
     """Score images against a bank: raw score, normalised score (threshold = 0.5) and verdict."""
@@ -341,7 +352,9 @@ def score(
     if as_json and as_csv:
         raise typer.BadParameter("choose one of --json and --csv")
     paths = list_images(inputs)
-    scorer = _open_scorer(bank_path, batch_size=batch_size, threads=threads, weights=weights, index=index)
+    scorer = _open_scorer(
+        bank_path, batch_size=batch_size, threads=threads, weights=weights, index=index, device=device
+    )
     for folder in (heatmaps, masks):
         if folder is not None:
             _make_dir(folder)
@@ -469,6 +482,7 @@ def evaluate(
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,
     index: IndexOpt = None,
+    device: DeviceOpt = None,
     max_pixels: MaxPixelsOpt = None,
 ) -> None:
     """Score a labelled test set with a bank: image/pixel AUROC, AUPRO, thresholded metrics."""
@@ -486,7 +500,9 @@ def evaluate(
         split = test_split(good, defect, masks or [], require_masks=require)
     else:
         raise ConfigError("evaluate needs a DATASET folder, or --good DIR and --defect DIR")
-    scorer = _open_scorer(bank_path, batch_size=batch_size, threads=threads, weights=weights, index=index)
+    scorer = _open_scorer(
+        bank_path, batch_size=batch_size, threads=threads, weights=weights, index=index, device=device
+    )
     if report_dir is not None:
         _make_dir(report_dir)
     cases = html_report.REPORT_CASES if report_dir is not None else None
@@ -573,9 +589,11 @@ def _run_benchmark(
     report_dir: Path | None = None,
 ) -> None:
     from patchcore_cli import html_report, report
+    from patchcore_cli.device import resolve
     from patchcore_cli.evaluation import benchmark as run_benchmark
 
     for _, config in rows:
+        resolve(config.device)  # a missing GPU fails now, not after the first row
         _warn_random(config.weights == "random")
 
     def announce(row: Any) -> None:
@@ -631,6 +649,7 @@ _FIT_OPTIONS = (
     "batch_size",
     "threads",
     "index",
+    "device",
     "precision",
 )
 
@@ -669,6 +688,7 @@ def benchmark_mvtec(
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,
     index: IndexOpt = None,
+    device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     no_pixel_metrics: NoPixelOpt = False,
     out_dir: OutDirOpt = None,
@@ -749,6 +769,7 @@ def benchmark_folder(
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,
     index: IndexOpt = None,
+    device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     no_pixel_metrics: NoPixelOpt = False,
     out_dir: OutDirOpt = None,
@@ -793,6 +814,7 @@ def demo(
     weights: WeightsOpt = None,
     threads: ThreadsOpt = None,
     index: IndexOpt = None,
+    device: DeviceOpt = None,
     as_json: JsonOpt = False,
     report_dir: ReportOpt = None,
 ) -> None:
@@ -811,7 +833,9 @@ def demo(
         err.print(f"generating synthetic dataset ({', '.join(CATEGORIES)}) in {data_root}")
         generate_dataset(data_root, seed=seed)
         splits = [mvtec_category(data_root, category) for category in CATEGORIES]
-        config = config_mod.build(backbone=backbone, weights=weights, threads=threads, index=index)
+        config = config_mod.build(
+            backbone=backbone, weights=weights, threads=threads, index=index, device=device
+        )
         rows = [(config.backbone, config)]
         _run_benchmark(splits, rows, list(CATEGORIES), True, out_dir, as_json, None, report_dir=report_dir)
     err.print(f"demo finished in {time.perf_counter() - began:.1f} s")

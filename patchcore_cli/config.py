@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from patchcore_cli.device import DEVICES
 from patchcore_cli.errors import ConfigError
 from patchcore_cli.geometry import FRAMINGS
 
@@ -54,9 +55,10 @@ class FitConfig:
     batch_size: int = 8
     threads: int | None = None
     index: str = "exact"
+    device: str = "auto"  # see device.resolve
 
     # Options that change how fast a bank is made, not what it contains.
-    RUNTIME = ("weights", "batch_size", "threads", "index")
+    RUNTIME = ("weights", "batch_size", "threads", "index", "device")
 
     def model_dict(self) -> dict[str, Any]:
         """The fields stored in a bank's `config` metadata."""
@@ -82,7 +84,16 @@ _INT_FIELDS = {
     "threads",
 }
 _FLOAT_FIELDS = {"coreset", "sigma", "threshold_sigma", "tile_overlap"}
-_STR_FIELDS = {"backbone", "weights", "precision", "reduction", "index", "framing", "stage_weighting"}
+_STR_FIELDS = {
+    "backbone",
+    "weights",
+    "precision",
+    "reduction",
+    "index",
+    "framing",
+    "stage_weighting",
+    "device",
+}
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -154,6 +165,7 @@ def validate(config: FitConfig, source: str = "config") -> FitConfig:
             f"tile_overlap must be in [0, 1), got {config.tile_overlap}",
         ),
         (config.index in INDEXES, f"index must be one of {', '.join(INDEXES)}, got {config.index!r}"),
+        (config.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {config.device!r}"),
         (
             config.precision in PRECISIONS,
             f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}",

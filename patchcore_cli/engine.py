@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -135,15 +135,18 @@ class Patches:
 
 
 class Extractor:
-    """A backbone trunk plus the patch-embedding head: images -> B x P x D patch embeddings."""
+    """A backbone trunk plus the patch-embedding head: images -> B x P x D patch embeddings, computed on
+    the config's device and returned on the CPU."""
 
     def __init__(self, config: FitConfig) -> None:
+        from patchcore_cli import device
         from patchcore_cli.backbones import load_backbone
         from patchcore_cli.features import Trunk
 
         self.config = config
+        self.device = device.resolve(config.device)
         self.loaded = load_backbone(config.backbone, config.weights, seed=config.seed)
-        self.trunk = Trunk(self.loaded, config.layers)
+        self.trunk = Trunk(self.loaded, config.layers, self.device)
         self.trunk.set_precision(config.precision)
         self.dim = embedding_dim(self.trunk.channels, config.dim)
 
@@ -155,10 +158,12 @@ class Extractor:
 
     def __call__(self, pixels: Sequence[np.ndarray], timings: Timings) -> tuple[np.ndarray, tuple[int, int]]:
         """B same-size views (H x W x 3 uint8) -> (B x P x D float32 embeddings, their (h, w) grid)."""
+        from patchcore_cli.device import synchronize
         from patchcore_cli.features import embed, to_tensor
 
         with timings.stage("backbone"):
             maps = self.trunk(to_tensor(pixels))
+            synchronize(self.device)
         grid = tuple(maps[self.trunk.layers[0]].shape[-2:])
         with timings.stage("aggregate + reduce"):
             out = embed(
@@ -169,7 +174,7 @@ class Extractor:
                 self.config.stage_weighting,
                 self.config.patch_size,
             )
-        return out.numpy(), (int(grid[0]), int(grid[1]))
+        return out.cpu().numpy(), (int(grid[0]), int(grid[1]))
 
     def embed_views(self, items: Sequence[Decoded], timings: Timings) -> list[Patches]:
         """The views of readable images -> one Patches per image. Views of the same size share forward
@@ -268,9 +273,11 @@ def fit(
     combined after normalising each by the mean and std of its own leave-one-out scores on good images,
     and the combined score is calibrated like a single one. Test statistics never enter.
     """
+    from patchcore_cli import device
     from patchcore_cli.config import members
     from patchcore_cli.data import DEFAULT_MAX_PIXELS
 
+    config = replace(config, device=device.resolve(config.device))  # a missing GPU fails before any work
     progress = progress or _Silent()
     if len(paths) < MIN_FIT_IMAGES:
         given = "".join(f": {path}" for path in paths)
@@ -410,15 +417,18 @@ def leave_one_out(
     cannot skip rows, so they are rebuilt without them per image.
     Returns (C scores, C maps); an image that supplied the whole bank gets NaN and an all-zero map.
     """
+    from patchcore_cli.device import resolve
     from patchcore_cli.scoring import NearestNeighbours, image_map, image_score
 
+    device = resolve(config.device)
     n_images = len(training.geometries)
     rng = np.random.default_rng(config.seed)
     chosen = np.sort(rng.permutation(n_images)[: min(n_images, config.calibration_images)])
     progress.start("calibration", len(chosen))
     scores = np.full(len(chosen), np.nan)
     maps: list[np.ndarray] = []
-    shared = NearestNeighbours(memory_bank, "exact", source_image) if config.index == "exact" else None
+    exact = config.index == "exact"
+    shared = NearestNeighbours(memory_bank, "exact", source_image, device) if exact else None
     for lo in range(0, len(chosen), config.batch_size):
         batch = chosen[lo : lo + config.batch_size]
         patches = [training.image(int(index)) for index in batch]
@@ -523,7 +533,8 @@ def _stored_weights(bank: bank_io.Bank) -> str | None:
 
 def _checked_config(stored: dict[str, Any], bank_path: str, **runtime: Any) -> FitConfig:
     """A bank file is untrusted input: its config is checked like a config file, and options that only
-    set how a run goes (threads, batch size, weights, index) come from this run, never from the file."""
+    set how a run goes (threads, batch size, weights, index, device) come from this run, never from the
+    file."""
     from patchcore_cli.config import from_bank, validate
 
     kept = {key: value for key, value in stored.items() if key not in FitConfig.RUNTIME}
@@ -556,7 +567,7 @@ class _Part:
             )
         self.config = config
         self.extractor = extractor
-        self.search = NearestNeighbours(bank.memory_bank, config.index)
+        self.search = NearestNeighbours(bank.memory_bank, config.index, device=config.device)
         self.standard = Standardisation.of(bank.calibration) if ensemble else Standardisation()
 
 
@@ -572,9 +583,17 @@ class Scorer:
         index: str | None = None,
         bank_path: str = "bank",
         extractors: Sequence[Extractor] | None = None,
+        device: str | None = None,
     ) -> None:
+        from patchcore_cli.device import resolve
+
         self.bank = bank
-        runtime = {"batch_size": batch_size, "threads": threads, "index": index}
+        runtime = {
+            "batch_size": batch_size,
+            "threads": threads,
+            "index": index,
+            "device": resolve(device or "auto"),
+        }
         self.config = _checked_config(
             bank.config, bank_path, weights=weights or _stored_weights(bank), **runtime
         )

@@ -90,7 +90,7 @@ def bank_metadata(scorer: Scorer) -> dict[str, Any]:
     bank = scorer.bank
     return {
         "config": dict(bank.config),
-        "runtime": {key: getattr(scorer.config, key) for key in ("index", "batch_size", "threads")},
+        "runtime": {key: getattr(scorer.config, key) for key in ("index", "batch_size", "threads", "device")},
         "calibration": dict(bank.calibration),
         "bank": {
             "rows": bank.rows,
@@ -292,7 +292,11 @@ def benchmark(
             if profile:  # time the bank's round trip through a file, as fit and score would do it
                 bank = bank_round_trip(bank, fitted.timings)
             scorer = Scorer(
-                bank, batch_size=config.batch_size, index=config.index, extractors=fitted.extractors
+                bank,
+                batch_size=config.batch_size,
+                index=config.index,
+                extractors=fitted.extractors,
+                device=config.device,
             )
             evaluation = evaluate(scorer, split, pixel_metrics, progress, max_pixels, report_cases)
             seconds = dict(fitted.timings.seconds)
@@ -338,12 +342,15 @@ def bare_forward_throughput(extractor: Any, repeats: int = 3) -> float:
     """
     import torch
 
+    from patchcore_cli.device import synchronize
+
     config = extractor.config
-    pixels = torch.rand(config.batch_size, 3, config.crop, config.crop)
+    pixels = torch.rand(config.batch_size, 3, config.crop, config.crop, device=extractor.device)
     extractor.trunk(pixels)
     best = math.inf
     for _ in range(repeats):
         began = time.perf_counter()
         extractor.trunk(pixels)
+        synchronize(extractor.device)
         best = min(best, time.perf_counter() - began)
     return config.batch_size / best

@@ -20,10 +20,11 @@ if TYPE_CHECKING:
 class Trunk:
     """Runs a backbone's modules in order, stopping after the deepest requested stage.
 
-    `__call__`: B x 3 x H x W float -> {stage: B x C_stage x H/s x W/s}. Later stages are never computed.
+    `__call__`: B x 3 x H x W float -> {stage: B x C_stage x H/s x W/s} on `device` ("cpu" or "cuda";
+    the pixels may be anywhere). Later stages are never computed.
     """
 
-    def __init__(self, loaded: LoadedBackbone, layers: Sequence[str]) -> None:
+    def __init__(self, loaded: LoadedBackbone, layers: Sequence[str], device: str = "cpu") -> None:
         import torch
 
         spec = loaded.spec
@@ -42,13 +43,17 @@ class Trunk:
             depth = max(self.taps) + 1
             self.modules = [loaded.model.get_submodule(path) for path in spec.trunk[:depth]]
         self.channels = [spec.channels[name] for name in self.layers]
-        self.mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(spec.std).view(1, 3, 1, 1)
+        self.device = device
+        for module in self.modules:
+            module.to(device)
+        self.mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
         self.channels_last = False
         self.autocast = False
 
     def set_precision(self, precision: str) -> None:
-        """'fp32', or 'bf16': channels-last layout and bfloat16 autocast on CPU."""
+        """'fp32' (IEEE float32 on a GPU too, see `device.full_fp32`), or 'bf16': channels-last layout and
+        bfloat16 autocast on the trunk's device."""
         import torch
 
         self.autocast = precision == "bf16"
@@ -60,12 +65,16 @@ class Trunk:
     def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         import torch
 
-        x = (pixels - self.mean) / self.std
+        from patchcore_cli.device import full_fp32
+
+        x = (pixels.to(self.device) - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out: dict[str, torch.Tensor] = {}
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
-        with torch.inference_mode(), autocast:
+        autocast = (
+            torch.autocast(self.device, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), full_fp32(self.device), autocast:
             if self.features_only:
                 maps = self.modules[0](x)
                 return {name: maps[index].float() for index, name in self.taps.items()}
@@ -92,7 +101,7 @@ def embed(
     weighting: str = "none",
     patch_size: int = 3,
 ) -> torch.Tensor:
-    """Stage feature maps -> patch embeddings (paper §3.1).
+    """Stage feature maps -> patch embeddings (paper §3.1), on the maps' device.
 
     Each map (B x C_l x H_l x W_l) is averaged over a p x p neighbourhood (eq. 1-2, p = `patch_size`,
     odd, so the grid keeps its size) and bilinearly
@@ -135,7 +144,10 @@ def embed(
         parts.append(flat)
     out = torch.cat(parts, dim=1)
     if total > dim and reduction == "random":
-        out = out @ random_matrix(total, dim, seed)
+        from patchcore_cli.device import full_fp32
+
+        with full_fp32(out.device.type):
+            out = out @ random_matrix(total, dim, seed).to(out.device)
     return out.reshape(feature_maps[0].shape[0], height * width, -1)
 
 

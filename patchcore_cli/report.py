@@ -40,6 +40,7 @@ def fit_table(result: FitResult, out: Path) -> Table:
     table.add_column("field", style="bold")
     table.add_column("value")
     table.add_row("backbone", f"{bank.config['backbone']} ({'+'.join(bank.config['layers'])})")
+    table.add_row("device", result.extractor.device)
     table.add_row("images", str(result.n_images))
     table.add_row("patches", f"{result.n_patches:,}")
     table.add_row(
@@ -68,6 +69,7 @@ def fit_json(result: FitResult, out: Path) -> dict[str, Any]:
         "bank_dim": int(bank.memory_bank.shape[1]),
         "bank_mb": round(bank.nbytes / 1e6, 3),
         "timings_s": {k: round(v, 4) for k, v in result.timings.seconds.items()},
+        "device": result.extractor.device,
         "calibration": bank.calibration,
         "config": bank.config,
         "random_weights": result.random_weights,

@@ -19,24 +19,31 @@ NUM_NEIGHBORS = 9  # paper eq. 7: b = 9 bank neighbours of m* for the reweightin
 class NearestNeighbours:
     """Nearest-neighbour search over a bank; every distance returned is Euclidean (paper eq. 6).
 
-    - "exact" (default): `search.ClusterIndex`, which prunes the bank by its own cluster structure and a
-      principal-axes bound and returns exactly the brute-force answer (ties to the lowest row) with a few
-      percent of the work. k > 1 (paper eq. 7 asks for b neighbours of one row per image) is brute force.
-    - "faiss": faiss IndexFlatL2, exact brute force.
-    - "hnsw": faiss IndexHNSWFlat (M = 32, efSearch = 64), approximate; its recall against the exact
-      search is reported by `patchcore benchmark --profile`.
+    - "exact" (default): on the CPU, `search.ClusterIndex`, which prunes the bank by its own cluster
+      structure and a principal-axes bound and returns exactly the brute-force answer (ties to the lowest
+      row) with a few percent of the work. k > 1 (paper eq. 7 asks for b neighbours of one row per image)
+      is brute force. With device "cuda", `gpu_search.MatmulIndex`: brute force by matrix products on
+      the GPU, with the same exact distances and tie rule (see its docstring for the one caveat).
+    - "faiss": faiss IndexFlatL2, exact brute force, on the CPU whatever the device.
+    - "hnsw": faiss IndexHNSWFlat (M = 32, efSearch = 64), approximate, on the CPU; its recall against the
+      exact search is reported by `patchcore benchmark --profile`.
 
     sources: optional M ids (the training image each row came from). With the exact method, `search(...,
     skip=ids)` then leaves out, for each query, the rows of its id: calibration scores a training image
     against the bank without its own patches without building a second index.
     """
 
-    def __init__(self, bank: np.ndarray, method: str = "exact", sources: np.ndarray | None = None) -> None:
+    def __init__(
+        self, bank: np.ndarray, method: str = "exact", sources: np.ndarray | None = None, device: str = "cpu"
+    ) -> None:
+        from patchcore_cli.gpu_search import MatmulIndex
         from patchcore_cli.search import ClusterIndex
 
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)  # M x D
         self.method = method
-        if method == "exact":
+        if method == "exact" and device != "cpu":
+            self.index = MatmulIndex(self.bank, sources, device)
+        elif method == "exact":
             self.index = ClusterIndex(self.bank, sources)
         else:
             import faiss
@@ -123,7 +130,8 @@ def image_map(
 
 
 def anomaly_map(patch_scores: torch.Tensor, size: int, sigma: float = SIGMA) -> torch.Tensor:
-    """B x h x w patch scores -> B x size x size map: bilinear upsampling, then Gaussian blur (§3.3)."""
+    """B x h x w patch scores -> B x size x size map on the same device: bilinear upsampling, then Gaussian
+    blur (§3.3)."""
     import torch.nn.functional as F
 
     maps = F.interpolate(patch_scores.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
@@ -135,10 +143,13 @@ def anomaly_map(patch_scores: torch.Tensor, size: int, sigma: float = SIGMA) -> 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """B x 1 x H x W -> same shape, blurred by a Gaussian truncated at 4 sigma with mirrored borders
     (scipy.ndimage.gaussian_filter's mode="mirror"). Applied as two small matrix products, K_h X K_w^T:
-    far cheaper on a CPU than a 33 x 33 convolution."""
-    rows = _blur_matrix(maps.shape[-2], sigma)
-    cols = _blur_matrix(maps.shape[-1], sigma)
-    return rows @ maps @ cols.T
+    far cheaper on a CPU than a 33 x 33 convolution. Runs on the maps' device."""
+    from patchcore_cli.device import full_fp32
+
+    rows = _blur_matrix(maps.shape[-2], sigma).to(maps.device)
+    cols = _blur_matrix(maps.shape[-1], sigma).to(maps.device)
+    with full_fp32(maps.device.type):
+        return rows @ maps @ cols.T
 
 
 @functools.lru_cache(maxsize=8)

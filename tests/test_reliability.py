@@ -501,9 +501,9 @@ def test_bad_bank_is_refused_with_exit_4(bank, good_image, tmp_path, damage, opt
 
 
 def test_bank_runtime_keys_are_ignored(bank, good_image, good_score, tmp_path):
-    # threads/batch size are this run's business; a file must not pick, say, a million threads
+    # threads/batch size/device are this run's business; a file must not pick, say, a million threads
     target = tmp_path / "runtime.st"
-    _resaved(_config(threads=1_000_000, batch_size=0))(bank, target)
+    _resaved(_config(threads=1_000_000, batch_size=0, device="cuda"))(bank, target)
     assert scores(invoke("score", good_image, "--bank", target, "--json")) == {good_image.name: good_score}
 
 
