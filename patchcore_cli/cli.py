@@ -697,18 +697,27 @@ def benchmark_mvtec(
     profile: ProfileOpt = False,
     max_pixels: MaxPixelsOpt = None,
 ) -> None:
-    """MVTec AD: fit on train/good and evaluate on test/ for each category present under --root."""
+    """MVTec AD: fit on train/good and evaluate on test/ for each category present under --root.
+
+    Other categories in the same layout can be named with --categories; they follow the official ones.
+    """
     import os
 
-    from patchcore_cli.data import MVTEC_CATEGORIES, mvtec_available, mvtec_category
+    from patchcore_cli.data import MVTEC_CATEGORIES, mvtec_available, mvtec_category, mvtec_layout
     from patchcore_cli.errors import ConfigError, InputError
 
     root = root or Path(os.environ.get("MVTEC_ROOT", "datasets/MVTecAD"))
     present, missing = mvtec_available(root)
     wanted = [c.strip() for c in categories.split(",") if c.strip()] if categories else list(MVTEC_CATEGORIES)
-    unknown = [c for c in wanted if c not in MVTEC_CATEGORIES]
+    # Other categories in the MVTec AD layout (your own parts, the demo's) run too, after the official ones.
+    extra = [c for c in wanted if c not in MVTEC_CATEGORIES]
+    unknown = [c for c in extra if not mvtec_layout(root / c)]
     if unknown:
-        raise ConfigError(f"unknown MVTec AD categories: {', '.join(unknown)}")
+        raise ConfigError(
+            f"unknown categories: {', '.join(unknown)} (not MVTec AD categories, and no "
+            f"<category>/train/good and <category>/test folders under {root})"
+        )
+    present += extra
     absent = [c for c in wanted if c in missing]
     if absent:
         err.print(
@@ -722,7 +731,7 @@ def benchmark_mvtec(
     _run_benchmark(
         splits,
         rows,
-        list(MVTEC_CATEGORIES),
+        list(MVTEC_CATEGORIES) + extra,
         not no_pixel_metrics,
         out_dir,
         as_json,

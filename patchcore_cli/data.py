@@ -533,10 +533,13 @@ def mvtec_available(root: Path) -> tuple[list[str], list[str]]:
         raise InputError(f"{root}: MVTec AD root folder not found")
     present, missing = [], []
     for category in MVTEC_CATEGORIES:
-        folder = root / category
-        complete = (folder / "train" / "good").is_dir() and (folder / "test").is_dir()
-        (present if complete else missing).append(category)
+        (present if mvtec_layout(root / category) else missing).append(category)
     return present, missing
+
+
+def mvtec_layout(folder: Path) -> bool:
+    """Whether `folder` is a category in the MVTec AD layout: `train/good` and `test` folders."""
+    return (folder / "train" / "good").is_dir() and (folder / "test").is_dir()
 
 
 def seeded_split(paths: Sequence[Path], train_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:

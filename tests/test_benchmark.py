@@ -49,6 +49,17 @@ def test_mvtec_runs_present_categories_and_skips_the_rest(mvtec_like, tmp_path):
     assert "| Avg | Carpet |" in (tmp_path / "results.md").read_text()
 
 
+def test_other_categories_in_the_mvtec_layout_run_after_the_official_ones(synthetic_root):
+    result = run(
+        "benchmark", "mvtec", "--root", synthetic_root, "--categories", "washer", *TINY_OPTIONS, "--json"
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["columns"][-1] == "washer" and [r["dataset"] for r in data["results"]] == ["washer"]
+    typo = run("benchmark", "mvtec", "--root", synthetic_root, "--categories", "washr", *TINY_OPTIONS)
+    assert typo.exit_code == 2 and "unknown categories: washr" in typo.stderr
+
+
 def test_same_seed_gives_identical_numbers(mvtec_like):
     outputs = []
     for _ in range(2):
