@@ -12,6 +12,8 @@ log.txt). The datasets, with paths relative to the repository root:
 - magnetic_tile: the Magnetic Tile set, MT_Free split in half by seed 42 (../shared/datasets/magnetic_tile);
 - synthetic: the `patchcore demo` data (seed 0: fabric, washer, ridged), generated once into runs/demo.
 
+Set PATCHCORE_DATASETS to read the datasets from elsewhere.
+
 Every number comes from the CLI itself. `bench/compare.py` turns the runs into tables and bootstrap
 intervals.
 """
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "datasets"
+DATA = Path(os.environ.get("PATCHCORE_DATASETS", ROOT.parent / "shared" / "datasets"))
 RUNS = ROOT / "runs"
 MT = DATA / "magnetic_tile"
 MT_DEFECTS = ("Blowhole", "Break", "Crack", "Fray", "Uneven")
