@@ -143,3 +143,27 @@ def test_fit_and_score_with_non_square_framings(tmp_path, framing):
     # Batch size does not change a score, though views of different sizes are batched separately.
     one = Scorer(fitted.bank, batch_size=1).score_paths([*list_images([good]), tmp_path / "defect.png"])
     np.testing.assert_allclose([r.score for r in one], [r.score for r in results], rtol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_a_faint_colour_spot_survives_decoding_framing_and_normalisation(tmp_path, suffix):
+    # pill's defects are faint colour spots: equal brightness, a few levels more red than green.
+    from patchcore_cli.backbones import get
+    from patchcore_cli.data import load_image
+    from patchcore_cli.features import to_tensor
+
+    pixels = np.full((256, 256, 3), 150, np.uint8)
+    pixels[96:160, 96:160] = (156, 147, 147)  # +6 red, -3 green and blue: the same luma (about 150)
+    path = tmp_path / f"spot{suffix}"
+    Image.fromarray(pixels).save(path, quality=95)
+    framing = Framing("whole", crop=64)
+    image = load_image(path)
+    view = framing.render(image, framing.frame(image.size))[0].astype(int)
+    inside, outside = view[28:36, 28:36], view[:8, :8]
+    assert (inside[..., 0] - inside[..., 1]).mean() >= 6  # the red-green contrast is kept ...
+    assert abs((outside[..., 0] - outside[..., 1]).mean()) <= 1  # ... and only where the spot is
+    spec = get("efficientnet_lite0")
+    tensor = to_tensor([view.astype(np.uint8)])
+    normalised = (tensor - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+    difference = (normalised[0, 0] - normalised[0, 1])[28:36, 28:36].mean()
+    assert float(difference) > 0.04  # per-channel scaling keeps it: no grey conversion anywhere
