@@ -7,7 +7,7 @@ import io
 import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -173,16 +173,39 @@ def overlay(image: np.ndarray, amap: np.ndarray, inspected: np.ndarray, scale: f
     return out.clip(0, 255).astype(np.uint8)
 
 
-def save_png(path: Path, array: np.ndarray) -> None:
+def score_pictures(
+    amap: np.ndarray, geometry: Geometry, pixel_threshold: float, image: np.ndarray | None, mask: bool
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """One scored image's pictures at its original size: (heatmap overlay on `image` (H x W x 3 uint8),
+    if given; binary defect mask (H x W uint8, 255 = defect) at the calibrated pixel threshold, if `mask`).
+    A local `score` and a Ray worker both draw with this, so their files are the same."""
+    full, inspected = map_to_original(amap, geometry)
+    heatmap = None if image is None else overlay(image, full, inspected, scale=2.0 * pixel_threshold)
+    binary = ((full >= pixel_threshold) & inspected).astype(np.uint8) * 255 if mask else None
+    return heatmap, binary
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """H x W (x 3) uint8 -> the bytes of a PNG file."""
     from PIL import Image
 
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_bytes(path: Path, data: bytes) -> None:
     try:
-        Image.fromarray(array).save(path, format="PNG")
+        path.write_bytes(data)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
 
 
-def output_name(path: Path, used: set[str], suffix: str) -> str:
+def save_png(path: Path, array: np.ndarray) -> None:
+    write_bytes(path, png_bytes(array))
+
+
+def output_name(path: PurePath, used: set[str], suffix: str) -> str:
     """A unique file name for `path`'s output in a flat folder (stem, then stem-2, stem-3, ...)."""
     stem = path.stem
     name, counter = f"{stem}{suffix}.png", 2
