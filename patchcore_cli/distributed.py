@@ -111,18 +111,38 @@ def session(options: RayOptions) -> Iterator[None]:
         }
         try:
             if options.address is None:
-                ray.init(address="local", runtime_env=worker_env(), **settings)
+                # Ray runs workers at niceness 15; on this machine they would then lose every contest
+                # with other programs that the local path, at the command's own priority, holds its own in.
+                system = {"worker_niceness": 0}
+                ray.init(address="local", runtime_env=worker_env(), _system_config=system, **settings)
             else:
+                _reachable(options.address)
                 ray.init(address=options.address, **settings)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = options.address or "a local Ray"
-            raise ConfigError(f"--ray-address {where}: cannot connect to Ray ({_first_line(exc)})") from None
+            if options.address is None:
+                raise ConfigError(f"--ray: cannot start a local Ray ({_first_line(exc)})") from None
+            problem = _first_line(exc)
+            raise ConfigError(f"--ray-address {options.address}: cannot connect to Ray ({problem})") from None
     _quiet_ray_data()
     try:
         yield
     finally:
         if started:
             ray.shutdown()
+
+
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """ConnectionError unless HOST:PORT (or ray://HOST:PORT) accepts a TCP connection within `timeout`:
+    Ray itself retries an unreachable address for minutes before giving up."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself and fails on quickly
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _quiet_ray_data() -> None:
@@ -426,7 +446,8 @@ def _dataset(inputs: Inputs, block_rows: int, readers: int) -> Any:
     import pyarrow as pa
     import ray.data
 
-    local = [(i, str(item)) for i, item in enumerate(inputs.items) if isinstance(item, Path)]
+    # Absolute paths: a worker's current folder is not the driver's. Results keep the names as given.
+    local = [(i, str(item.absolute())) for i, item in enumerate(inputs.items) if isinstance(item, Path)]
     parts = []
     if local:
         blocks = [local[start : start + block_rows] for start in range(0, len(local), block_rows)]

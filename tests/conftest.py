@@ -43,7 +43,12 @@ def ray_cluster():
     store = 100 * 1024 * 1024  # bytes per node: small, the banks and pictures here are tiny
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 0, "object_store_memory": store, "include_dashboard": False},
+        head_node_args={
+            "num_cpus": 0,
+            "object_store_memory": store,
+            "include_dashboard": False,
+            "_system_config": {"worker_niceness": 0},  # as `--ray` starts a local Ray: see session()
+        },
     )
     for _ in range(2):
         cluster.add_node(num_cpus=1, object_store_memory=store)

@@ -164,12 +164,17 @@ def test_score_worker_rows_are_the_local_results(ray_cluster, bank: Path, inputs
     )
 
 
-def test_score_errors_are_the_local_errors(ray_cluster, bank: Path, inputs: Path) -> None:
-    """An unreadable image without --skip-bad, and a bad option: one line, the same exit code."""
-    cases = (([], 3, "001b.png: not an image file"), (["--index", "kdtree"], 2, "kdtree"))
+def test_score_errors_are_the_local_errors(
+    ray_cluster, bank: Path, inputs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unreadable image without --skip-bad, and a bad option: one line, the same exit code. The
+    inputs are given relative to the current folder, which the workers do not share: the message still
+    names them as given."""
+    monkeypatch.chdir(inputs.parent)
+    cases = (([], 3, f"{inputs.name}/001b.png: not an image file"), (["--index", "kdtree"], 2, "kdtree"))
     for extra, code, problem in cases:
-        local = invoke("score", inputs, "--bank", bank, *extra)
-        on_ray = invoke("score", inputs, "--bank", bank, *extra, "--ray")
+        local = invoke("score", inputs.name, "--bank", bank, *extra)
+        on_ray = invoke("score", inputs.name, "--bank", bank, *extra, "--ray")
         assert on_ray.exit_code == local.exit_code == code, on_ray.output
         assert on_ray.stderr.splitlines()[-1] == local.stderr.splitlines()[-1]
         assert problem in on_ray.stderr.splitlines()[-1]
