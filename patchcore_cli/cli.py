@@ -225,6 +225,43 @@ MaxPixelsOpt = Annotated[
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")
 ]
+RayOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ray",
+        help="Run on Ray (pip install 'patchcore-cli[ray]'): a local Ray on this machine, "
+        "or the cluster at --ray-address. Same results as without.",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="Join this Ray cluster instead of starting a local Ray: auto (on a cluster node), "
+        "HOST:6379 or ray://HOST:10001. Implies --ray.",
+    ),
+]
+RayCpusOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--ray-cpus",
+        min=1,
+        help="With --ray: CPUs each Ray worker reserves, also its torch threads unless --threads. Default 2.",
+    ),
+]
+
+
+def _ray_options(ray: bool, address: str | None, cpus: int | None, actors: int | None = None) -> Any:
+    """The Ray settings of a command, or None to run here; ConfigError if Ray is asked for but missing."""
+    from patchcore_cli import distributed
+    from patchcore_cli.errors import ConfigError
+
+    if not ray and address is None:
+        if cpus is not None or actors is not None:
+            raise ConfigError("--ray-cpus and --ray-actors go with --ray")
+        return None
+    distributed.require_ray()
+    return distributed.RayOptions(address=address, cpus=cpus, actors=actors)
 
 
 def _max_pixels(value: int | None) -> int:
@@ -344,6 +381,13 @@ def score(
     index: IndexOpt = None,
     device: DeviceOpt = None,
     max_pixels: MaxPixelsOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_cpus: RayCpusOpt = None,
+    ray_actors: Annotated[
+        int | None,
+        typer.Option("--ray-actors", min=1, help="With --ray: scoring actors; default as many as fit."),
+    ] = None,
 ) -> None:
     """Score images against a bank: raw score, normalised score (threshold = 0.5) and verdict."""
     from patchcore_cli import report
@@ -351,45 +395,104 @@ def score(
 
     if as_json and as_csv:
         raise typer.BadParameter("choose one of --json and --csv")
-    paths = list_images(inputs)
-    scorer = _open_scorer(
-        bank_path, batch_size=batch_size, threads=threads, weights=weights, index=index, device=device
-    )
-    for folder in (heatmaps, masks):
-        if folder is not None:
-            _make_dir(folder)
-    heat_names = report.output_names(paths, "_heatmap") if heatmaps is not None else {}
-    mask_names = report.output_names(paths, "_mask") if masks is not None else {}
-
-    def write_outputs(result: Any) -> None:
-        if result.error is not None or result.anomaly_map is None:
-            return
-        _write_maps(result, scorer, heatmaps, heat_names, masks, mask_names, _max_pixels(max_pixels))
-
-    keep_maps = heatmaps is not None or masks is not None
-    with RichProgress(enabled=not (as_json or as_csv) or err.is_terminal) as progress:
-        results = scorer.score_paths(
-            paths,
-            progress=progress,
-            keep_maps=keep_maps,
-            skip_bad=skip_bad,
-            max_pixels=_max_pixels(max_pixels),
-            on_result=write_outputs,
+    ray_options = _ray_options(ray, ray_address, ray_cpus, ray_actors)
+    if ray_options is not None:
+        runtime = {"batch_size": batch_size, "threads": threads, "weights": weights, "index": index}
+        results, threshold = _score_on_ray(
+            inputs, bank_path, ray_options, heatmaps, masks, skip_bad, as_json or as_csv, max_pixels, runtime
         )
+    else:
+        paths = list_images(inputs)
+        scorer = _open_scorer(
+            bank_path, batch_size=batch_size, threads=threads, weights=weights, index=index, device=device
+        )
+        for folder in (heatmaps, masks):
+            if folder is not None:
+                _make_dir(folder)
+        heat_names = report.output_names(paths, "_heatmap") if heatmaps is not None else {}
+        mask_names = report.output_names(paths, "_mask") if masks is not None else {}
+
+        def write_outputs(result: Any) -> None:
+            if result.error is not None or result.anomaly_map is None:
+                return
+            _write_maps(result, scorer, heatmaps, heat_names, masks, mask_names, _max_pixels(max_pixels))
+
+        keep_maps = heatmaps is not None or masks is not None
+        with RichProgress(enabled=not (as_json or as_csv) or err.is_terminal) as progress:
+            results = scorer.score_paths(
+                paths,
+                progress=progress,
+                keep_maps=keep_maps,
+                skip_bad=skip_bad,
+                max_pixels=_max_pixels(max_pixels),
+                on_result=write_outputs,
+            )
+        threshold = scorer.threshold
     records = [report.score_record(r) for r in results]
     skipped = [r for r in results if r.error is not None]
     if as_json:
-        print(json.dumps({"bank": str(bank_path), "threshold": scorer.threshold, "results": records}))
+        print(json.dumps({"bank": str(bank_path), "threshold": threshold, "results": records}))
     elif as_csv:
         sys.stdout.write(report.csv_text(records, ["file", "score", "normalized", "anomalous", "error"]))
     else:
-        out.print(report.score_table(results, scorer.threshold))
+        out.print(report.score_table(results, threshold))
         flagged = sum(bool(r.anomalous) for r in results)
         err.print(f"{len(results) - len(skipped)} scored, {flagged} anomalous, {len(skipped)} skipped")
     if skipped:
         err.print(f"[yellow]skipped {len(skipped)} unreadable file(s)[/]")
     if (fail_on_anomaly and any(r.anomalous for r in results)) or (fail_on_skip and skipped):
         raise typer.Exit(1)
+
+
+def _score_on_ray(
+    inputs: list[str],
+    bank_path: Path,
+    options: Any,
+    heatmaps: Path | None,
+    masks: Path | None,
+    skip_bad: bool,
+    machine_output: bool,
+    max_pixels: int | None,
+    runtime: dict[str, Any],
+) -> tuple[list[Any], float]:
+    """`score --ray`: the bank goes to the workers through the object store; their pictures come back as
+    PNG bytes and are named and written here in input order, like a local run's."""
+    from patchcore_cli import bank as bank_io
+    from patchcore_cli import distributed, report
+    from patchcore_cli.backbones import RANDOM_WEIGHTS
+
+    sources = distributed.list_inputs(inputs)
+    bank = bank_io.load(bank_path)
+    _warn_random(any(part.weights_sha256 == RANDOM_WEIGHTS for part in bank.parts))
+    for folder in (heatmaps, masks):
+        if folder is not None:
+            _make_dir(folder)
+    # Named as a local run names them (report.output_names), URIs by their path parts.
+    as_paths = [Path(str(name)) for name in sources.names]
+    heat_names = report.output_names(as_paths, "_heatmap") if heatmaps is not None else {}
+    mask_names = report.output_names(as_paths, "_mask") if masks is not None else {}
+
+    def write_outputs(result: Any, heat: bytes | None, mask: bytes | None) -> None:
+        if heatmaps is not None and heat is not None:
+            report.write_bytes(heatmaps / heat_names[Path(str(result.path))], heat)
+        if masks is not None and mask is not None:
+            report.write_bytes(masks / mask_names[Path(str(result.path))], mask)
+
+    with RichProgress(enabled=not machine_output or err.is_terminal) as progress:
+        results = distributed.score(
+            sources,
+            bank,
+            str(bank_path),
+            runtime,
+            options,
+            heatmaps=heatmaps is not None,
+            masks=masks is not None,
+            skip_bad=skip_bad,
+            max_pixels=_max_pixels(max_pixels),
+            progress=progress,
+            on_result=write_outputs,
+        )
+    return results, float(bank.calibration["image_threshold"])
 
 
 def _make_dir(folder: Path) -> None:
@@ -415,16 +518,21 @@ def _write_maps(
     from patchcore_cli import report
     from patchcore_cli.data import load_image
 
-    full, inspected = report.map_to_original(result.anomaly_map, result.geometry)
     pixel_threshold = float(scorer.bank.calibration["pixel_threshold"])
-    if heatmaps is not None:
-        image = np.asarray(load_image(result.path, max_pixels))
-        picture = report.heatmap_picture(
-            image, full, inspected, pixel_threshold, result.score, scorer.threshold, result.anomalous
-        )
-        report.save_png(heatmaps / heat_names[result.path], picture)
-    if masks is not None:
-        binary = ((full >= pixel_threshold) & inspected).astype(np.uint8) * 255
+    image = np.asarray(load_image(result.path, max_pixels)) if heatmaps is not None else None
+    heat, binary = report.score_pictures(
+        result.anomaly_map,
+        result.geometry,
+        pixel_threshold,
+        image,
+        masks is not None,
+        result.score,
+        scorer.threshold,
+        result.anomalous,
+    )
+    if heat is not None:
+        report.save_png(heatmaps / heat_names[result.path], heat)
+    if binary is not None:
         report.save_png(masks / mask_names[result.path], binary)
 
 
@@ -587,6 +695,7 @@ def _run_benchmark(
     max_pixels: int | None,
     profile: bool = False,
     report_dir: Path | None = None,
+    ray_options: Any = None,
 ) -> None:
     from patchcore_cli import html_report, report
     from patchcore_cli.device import resolve
@@ -607,9 +716,16 @@ def _run_benchmark(
         _make_dir(report_dir)
     cases = html_report.REPORT_CASES if report_dir is not None else None
     with RichProgress(enabled=not as_json or err.is_terminal) as progress:
-        results = run_benchmark(
-            splits, rows, pixel, progress, announce, _max_pixels(max_pixels), profile, cases
-        )
+        if ray_options is not None:
+            from patchcore_cli import distributed
+
+            results = distributed.benchmark(
+                splits, rows, ray_options, pixel, progress, announce, _max_pixels(max_pixels), profile, cases
+            )
+        else:
+            results = run_benchmark(
+                splits, rows, pixel, progress, announce, _max_pixels(max_pixels), profile, cases
+            )
     data = {"columns": columns, "results": [r.as_dict() for r in results]}
     if report_dir is not None:
         page = html_report.write_benchmark_report(report_dir, results, columns, data, _max_pixels(max_pixels))
@@ -696,6 +812,9 @@ def benchmark_mvtec(
     as_json: JsonOpt = False,
     profile: ProfileOpt = False,
     max_pixels: MaxPixelsOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_cpus: RayCpusOpt = None,
 ) -> None:
     """MVTec AD: fit on train/good and evaluate on test/ for each category present under --root.
 
@@ -706,6 +825,7 @@ def benchmark_mvtec(
     from patchcore_cli.data import MVTEC_CATEGORIES, mvtec_available, mvtec_category, mvtec_layout
     from patchcore_cli.errors import ConfigError, InputError
 
+    ray_options = _ray_options(ray, ray_address, ray_cpus)
     root = root or Path(os.environ.get("MVTEC_ROOT", "datasets/MVTecAD"))
     present, missing = mvtec_available(root)
     wanted = [c.strip() for c in categories.split(",") if c.strip()] if categories else list(MVTEC_CATEGORIES)
@@ -728,16 +848,10 @@ def benchmark_mvtec(
         raise InputError(f"{root}: none of the requested MVTec AD categories is present")
     splits = [mvtec_category(root, c, require_masks=not no_pixel_metrics) for c in run]
     rows = _row_configs(backbone, config_files, _fit_overrides(locals()), presets)
+    columns = list(MVTEC_CATEGORIES) + extra
+    pixel = not no_pixel_metrics
     _run_benchmark(
-        splits,
-        rows,
-        list(MVTEC_CATEGORIES) + extra,
-        not no_pixel_metrics,
-        out_dir,
-        as_json,
-        max_pixels,
-        profile,
-        report_dir,
+        splits, rows, columns, pixel, out_dir, as_json, max_pixels, profile, report_dir, ray_options
     )
 
 
@@ -786,10 +900,14 @@ def benchmark_folder(
     as_json: JsonOpt = False,
     profile: ProfileOpt = False,
     max_pixels: MaxPixelsOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_cpus: RayCpusOpt = None,
 ) -> None:
     """Your own data: good and defective folders (masks beside images or in --masks)."""
     from patchcore_cli.data import folder_split
 
+    ray_options = _ray_options(ray, ray_address, ray_cpus)
     split = folder_split(
         good,
         defect,
@@ -801,8 +919,9 @@ def benchmark_folder(
         name=name,
     )
     rows = _row_configs(backbone, config_files, _fit_overrides(locals()), presets)
+    pixel = not no_pixel_metrics
     _run_benchmark(
-        [split], rows, [name], not no_pixel_metrics, out_dir, as_json, max_pixels, profile, report_dir
+        [split], rows, [name], pixel, out_dir, as_json, max_pixels, profile, report_dir, ray_options
     )
 
 

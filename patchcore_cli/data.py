@@ -35,12 +35,13 @@ layout; `folder_split` builds a split from plain folders of good and defective i
 from __future__ import annotations
 
 import glob
+import io
 import math
 import os
 import stat
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -87,6 +88,18 @@ MVTEC_CATEGORIES = (
 
 
 # --------------------------------------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class ImageBytes:
+    """An image file's bytes, already read (by Ray Data, from `s3://...` and the like), and the name that
+    messages and results use for it: its URI. `load_image` treats it exactly like a file with that name."""
+
+    name: str
+    data: bytes = field(repr=False)
+
+    def __str__(self) -> str:
+        return self.name
 
 
 def _check_regular_file(path: Path) -> int:
@@ -139,7 +152,20 @@ def _open_decoded(path: str | Path, max_pixels: int) -> Image.Image:
     path = Path(path)
     if _check_regular_file(path) == 0:
         raise ImageError(path, "empty file (0 bytes)")
-    with _open_binary(path) as fh, warnings.catch_warnings():
+    with _open_binary(path) as fh:
+        return _decode(fh, path, max_pixels)
+
+
+def _decode_bytes(source: ImageBytes, max_pixels: int) -> Image.Image:
+    """`_open_decoded` for bytes already in memory: the same checks and messages, naming `source.name`."""
+    if not source.data:
+        raise ImageError(source.name, "empty file (0 bytes)")
+    return _decode(io.BytesIO(source.data), source.name, max_pixels)
+
+
+def _decode(fh: BinaryIO, name: Path | str, max_pixels: int) -> Image.Image:
+    """Decode the open file `fh` (messages call it `name`) into an upright, detached Pillow image."""
+    with warnings.catch_warnings():
         # Our own max_pixels check below decides what is too big, so Pillow's bomb warning is only noise;
         # so are its UserWarnings about damaged metadata ("Corrupt EXIF data"): the file either decodes
         # (then it is usable) or fails (then the ImageError says so).
@@ -148,31 +174,31 @@ def _open_decoded(path: str | Path, max_pixels: int) -> Image.Image:
         try:
             img = Image.open(fh, formats=_DECODERS)
         except Image.DecompressionBombError:
-            raise ImageError(path, _pillow_bomb_problem(max_pixels)) from None
+            raise ImageError(name, _pillow_bomb_problem(max_pixels)) from None
         except UnidentifiedImageError:
             fmt = _identify_unsupported(fh)
             if fmt is None:
-                raise ImageError(path, "not an image file (unrecognised format)") from None
+                raise ImageError(name, "not an image file (unrecognised format)") from None
             supported = ", ".join(_DECODERS)
-            raise ImageError(path, f"unsupported image format {fmt} (supported: {supported})") from None
+            raise ImageError(name, f"unsupported image format {fmt} (supported: {supported})") from None
         except Exception as exc:
             # Pillow's plugins raise a wide, version-dependent mix (SyntaxError, struct.error,
             # ValueError, IndexError, ...) on malformed headers; all of them mean "cannot read".
-            raise ImageError(path, f"corrupt image header: {_short(exc)}") from None
+            raise ImageError(name, f"corrupt image header: {_short(exc)}") from None
         with img:
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(
-                    path,
+                    name,
                     f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
                     f"{max_pixels:,} pixels (raise it with --max-pixels)",
                 )
             try:
                 img.load()
             except Image.DecompressionBombError:
-                raise ImageError(path, _pillow_bomb_problem(max_pixels)) from None
+                raise ImageError(name, _pillow_bomb_problem(max_pixels)) from None
             except Exception as exc:
-                raise ImageError(path, f"corrupt or truncated image data: {_short(exc)}") from None
+                raise ImageError(name, f"corrupt or truncated image data: {_short(exc)}") from None
             return _upright(img)
 
 
@@ -232,7 +258,7 @@ def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
 
 
-def _to_rgb8(img: Image.Image, path: Path) -> Image.Image:
+def _to_rgb8(img: Image.Image, path: Path | str) -> Image.Image:
     """Any decoded image -> 8-bit RGB of the same size."""
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         return Image.fromarray(_high_depth_to_gray8(img), mode="L").convert("RGB")
@@ -246,13 +272,16 @@ def _to_rgb8(img: Image.Image, path: Path) -> Image.Image:
         raise ImageError(path, f"unsupported colour mode {img.mode} ({_short(exc)})") from None
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path: str | Path | ImageBytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Read one image file as an upright 8-bit RGB PIL image (W x H x 3 once converted to an array).
 
     `max_pixels` caps width x height, checked before decoding (see the module docstring). Raises
     `ImageError(path, problem)` for anything that cannot be read; no other exception escapes for any file
-    content. The file is closed before returning.
+    content. The file is closed before returning. `ImageBytes` are decoded with the same checks and the
+    same messages, naming their URI.
     """
+    if isinstance(path, ImageBytes):
+        return _to_rgb8(_decode_bytes(path, max_pixels), path.name)
     path = Path(path)
     return _to_rgb8(_open_decoded(path, max_pixels), path)
 
@@ -361,6 +390,26 @@ def _entry_kind(entry: os.DirEntry) -> str | None:
         return "file" if entry.is_file() else None
     except OSError:  # a link chain that loops on itself (ELOOP)
         return None
+
+
+def image_files(names: Sequence[str]) -> list[str]:
+    """The images a folder walk (`list_images`) keeps from a recursive listing of the folder's files,
+    in the walk's order. `names` are '/'-separated paths relative to the folder, as an object store lists
+    them. Hidden files and folders, other extensions and mask files (`is_mask_file`) are left out."""
+    siblings: dict[str, set[str]] = {}
+    for name in names:
+        folder, _, base = name.rpartition("/")
+        siblings.setdefault(folder, set()).add(base)
+    stems = {folder: _non_png_image_stems(files) for folder, files in siblings.items()}
+    kept = []
+    for name in names:
+        parts = name.split("/")
+        folder, base = "/".join(parts[:-1]), parts[-1]
+        if any(part.startswith(".") for part in parts) or not _is_image_name(base):
+            continue
+        if not _is_mask_name(base, stems[folder]):
+            kept.append(name)
+    return sorted(set(kept), key=lambda name: name.split("/"))
 
 
 def _glob_images(pattern: str) -> Iterator[Path]:

@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from patchcore_cli.config import FitConfig
 from patchcore_cli.errors import BankError, ConfigError, ImageError, InputError
 from patchcore_cli.features import embedding_dim
 from patchcore_cli.geometry import Framing, Geometry
+
+if TYPE_CHECKING:
+    from patchcore_cli.data import ImageBytes
 
 MIN_FIT_IMAGES = 2
 """`fit` needs at least this many good images: calibration leaves one image out at a time."""
@@ -79,7 +82,7 @@ def set_threads(threads: int | None) -> None:
 
 @dataclass
 class Decoded:
-    path: Path
+    path: Path | str  # the file, or the URI of bytes read elsewhere (`data.ImageBytes`)
     views: list[np.ndarray] | None  # one H x W x 3 uint8 array per view (geometry.py), None if unreadable
     geometry: Geometry | None
     error: ImageError | None
@@ -90,23 +93,31 @@ def framing_of(config: FitConfig) -> Framing:
     return Framing(config.framing, config.crop, config.image_size, config.tile_size, config.tile_overlap)
 
 
-def _decode(path: Path, framing: Framing, max_pixels: int) -> Decoded:
-    from patchcore_cli.data import load_image
+def _decode(path: Path | ImageBytes, framing: Framing, max_pixels: int) -> Decoded:
+    from patchcore_cli.data import ImageBytes, load_image
 
+    name = path.name if isinstance(path, ImageBytes) else path
     try:
         image = load_image(path, max_pixels=max_pixels)
     except ImageError as exc:
-        return Decoded(path, None, None, exc)
+        return Decoded(name, None, None, exc)
     geometry = framing.frame(image.size)
-    return Decoded(path, framing.render(image, geometry), geometry, None)
+    return Decoded(name, framing.render(image, geometry), geometry, None)
+
+
+def _source(path: Path | str | ImageBytes) -> Path | ImageBytes:
+    from patchcore_cli.data import ImageBytes
+
+    return path if isinstance(path, ImageBytes) else Path(path)
 
 
 def decode_stream(
-    paths: Sequence[Path], config: FitConfig, max_pixels: int, timings: Timings
+    paths: Sequence[Path | ImageBytes], config: FitConfig, max_pixels: int, timings: Timings
 ) -> Iterator[Decoded]:
     """Decode and frame images in a background thread, a few ahead of the consumer.
 
-    Pillow releases the GIL while decoding and resizing, so this overlaps with the backbone.
+    Pillow releases the GIL while decoding and resizing, so this overlaps with the backbone. An item may
+    be an image already in memory (`data.ImageBytes`); its results are named by its URI.
     """
     lookahead = max(2, 2 * config.batch_size)
     framing = framing_of(config)
@@ -114,14 +125,14 @@ def decode_stream(
         pending: deque[Future[Decoded]] = deque()
         queue = iter(paths)
         for path in queue:
-            pending.append(pool.submit(_decode, Path(path), framing, max_pixels))
+            pending.append(pool.submit(_decode, _source(path), framing, max_pixels))
             if len(pending) >= lookahead:
                 break
         while pending:
             with timings.stage("decode (waiting)"):
                 item = pending.popleft().result()
             for path in queue:
-                pending.append(pool.submit(_decode, Path(path), framing, max_pixels))
+                pending.append(pool.submit(_decode, _source(path), framing, max_pixels))
                 break
             yield item
 
@@ -199,7 +210,7 @@ class Extractor:
 
 
 def embed_paths(
-    paths: Sequence[Path],
+    paths: Sequence[Path | ImageBytes],
     extractors: Sequence[Extractor],
     timings: Timings,
     progress: Progress,
@@ -501,7 +512,7 @@ def threshold_from_scores(image_scores: np.ndarray, map_maxima: np.ndarray, k: f
 
 @dataclass
 class ScoreResult:
-    path: Path
+    path: Path | str  # the file, or the URI of an image read into memory elsewhere
     score: float | None = None
     normalized: float | None = None
     anomalous: bool | None = None
@@ -631,14 +642,15 @@ class Scorer:
 
     def score_paths(
         self,
-        paths: Sequence[Path],
+        paths: Sequence[Path | ImageBytes],
         progress: Progress | None = None,
         keep_maps: bool = False,
         skip_bad: bool = False,
         max_pixels: int | None = None,
         on_result: Callable[[ScoreResult], None] | None = None,
     ) -> list[ScoreResult]:
-        """Score images in order. Each result's anomaly map is kept only if `keep_maps`."""
+        """Score images (files, or `data.ImageBytes` read elsewhere) in order. Each result's anomaly map is
+        kept only if `keep_maps`."""
         from patchcore_cli.data import DEFAULT_MAX_PIXELS
 
         progress = progress or _Silent()

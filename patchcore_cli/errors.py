@@ -50,6 +50,10 @@ class ImageError(InputError):
         self.path = str(path)
         self.problem = problem
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Rebuilt from (path, problem), so it crosses a process boundary (a Ray worker) intact.
+        return type(self), (self.path, self.problem)
+
 
 class BankError(PatchcoreError):
     """A memory-bank file is missing, corrupt, or incompatible."""

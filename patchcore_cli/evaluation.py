@@ -287,35 +287,52 @@ def benchmark(
     rows = []
     for label, config in configs:
         for split in splits:
-            fitted = fit(split.train, config, progress=progress, max_pixels=max_pixels)
-            bank = fitted.bank
-            if profile:  # time the bank's round trip through a file, as fit and score would do it
-                bank = bank_round_trip(bank, fitted.timings)
-            scorer = Scorer(
-                bank,
-                batch_size=config.batch_size,
-                index=config.index,
-                extractors=fitted.extractors,
-                device=config.device,
-            )
-            evaluation = evaluate(scorer, split, pixel_metrics, progress, max_pixels, report_cases)
-            seconds = dict(fitted.timings.seconds)
-            row = BenchmarkRow(
-                row=label,
-                dataset=split.name,
-                evaluation=evaluation,
-                fit_seconds=seconds,
-                bank_rows=fitted.bank.rows,
-                bank_mb=fitted.bank.nbytes / 1e6,
-                peak_rss_mb=peak_rss_mb(),
-                n_train=fitted.n_images,
-                score_stages=dict(scorer.timings.seconds),
-                bare_forward=bare_forward_throughput(fitted.extractor) if profile else None,
+            row = benchmark_cell(
+                split, label, config, pixel_metrics, progress, max_pixels, profile, report_cases
             )
             rows.append(row)
             if on_row is not None:
                 on_row(row)
     return rows
+
+
+def benchmark_cell(
+    split: Split,
+    label: str,
+    config: FitConfig,
+    pixel_metrics: bool = True,
+    progress: Progress | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    profile: bool = False,
+    report_cases: int | None = None,
+) -> BenchmarkRow:
+    """One cell of the benchmark: fit `config` on `split.train`, evaluate on `split.test`. A Ray worker
+    runs exactly this for `benchmark --ray`. `report_cases`: see `evaluate`."""
+    progress = progress or _Silent()
+    fitted = fit(split.train, config, progress=progress, max_pixels=max_pixels)
+    bank = fitted.bank
+    if profile:  # time the bank's round trip through a file, as fit and score would do it
+        bank = bank_round_trip(bank, fitted.timings)
+    scorer = Scorer(
+        bank,
+        batch_size=config.batch_size,
+        index=config.index,
+        extractors=fitted.extractors,
+        device=config.device,
+    )
+    evaluation = evaluate(scorer, split, pixel_metrics, progress, max_pixels, report_cases)
+    return BenchmarkRow(
+        row=label,
+        dataset=split.name,
+        evaluation=evaluation,
+        fit_seconds=dict(fitted.timings.seconds),
+        bank_rows=fitted.bank.rows,
+        bank_mb=fitted.bank.nbytes / 1e6,
+        peak_rss_mb=peak_rss_mb(),
+        n_train=fitted.n_images,
+        score_stages=dict(scorer.timings.seconds),
+        bare_forward=bare_forward_throughput(fitted.extractor) if profile else None,
+    )
 
 
 def bank_round_trip(bank: Any, timings: Any) -> Any:

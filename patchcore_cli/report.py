@@ -327,6 +327,28 @@ def _legend_strip(
     return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
 
 
+def score_pictures(
+    amap: np.ndarray,
+    geometry: Geometry,
+    pixel_threshold: float,
+    image: np.ndarray | None,
+    mask: bool,
+    score: float,
+    image_threshold: float,
+    anomalous: bool,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """One scored image's pictures at its original size: (the heatmap overlay with its legend on `image`
+    (H x W x 3 uint8), if given; the binary defect mask (H x W uint8, 255 = defect) at the calibrated pixel
+    threshold, if `mask`). A local `score` and a Ray worker both draw with this, so their files are the
+    same."""
+    full, inspected = map_to_original(amap, geometry)
+    heatmap = None
+    if image is not None:
+        heatmap = heatmap_picture(image, full, inspected, pixel_threshold, score, image_threshold, anomalous)
+    binary = ((full >= pixel_threshold) & inspected).astype(np.uint8) * 255 if mask else None
+    return heatmap, binary
+
+
 def save_png(path: Path, array: np.ndarray) -> None:
     """Write an H x W (x 3) uint8 array as a PNG, atomically."""
     write_bytes(path, png_bytes(array))

@@ -26,10 +26,12 @@ from patchcore_cli.data import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     MVTEC_CATEGORIES,
+    ImageBytes,
     Sample,
     defect_type_name,
     find_mask,
     folder_split,
+    image_files,
     is_mask_file,
     list_images,
     load_image,
@@ -415,6 +417,35 @@ def test_truncated_images_stay_errors_and_global_is_untouched(tmp_path: Path) ->
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
+@pytest.mark.parametrize("kind", list(GOOD_KINDS))
+def test_image_bytes_decode_like_the_file(tmp_path: Path, kind: str) -> None:
+    path, _ = GOOD_KINDS[kind][0](tmp_path)
+    from_bytes = load_image(ImageBytes("s3://bucket/part.png", path.read_bytes()))
+    np.testing.assert_array_equal(np.asarray(from_bytes), np.asarray(load_image(path)))
+
+
+# The kinds that are about the bytes; a missing file, a folder, a FIFO only exist on a filesystem.
+CONTENT_KINDS = [kind for kind in BAD_KINDS if kind not in ("missing file", "a folder", "fifo")]
+
+
+@pytest.mark.parametrize("kind", CONTENT_KINDS)
+def test_image_bytes_fail_like_the_file(tmp_path: Path, kind: str) -> None:
+    path = BAD_KINDS[kind][0](tmp_path)
+    with pytest.raises(ImageError) as from_file:
+        load_image(path)
+    uri = f"s3://bucket/{path.name}"
+    with pytest.raises(ImageError) as from_bytes:
+        load_image(ImageBytes(uri, path.read_bytes()))
+    assert from_bytes.value.problem == from_file.value.problem
+    assert str(from_bytes.value) == f"{uri}: {from_file.value.problem}"
+
+
+def test_image_bytes_respect_the_pixel_limit(tmp_path: Path) -> None:
+    path = save(Image.new("RGB", (100, 50)), tmp_path / "wide.png")
+    with pytest.raises(ImageError, match="over the limit of 4,999 pixels"):
+        load_image(ImageBytes("gs://b/wide.png", path.read_bytes()), max_pixels=4999)
+
+
 def test_pixel_guard_checks_the_header_before_decoding(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -727,6 +758,24 @@ def test_mask_files_are_excluded_from_folders(tmp_path: Path) -> None:
         "exp1_num_2.JPG",
         "lonely.png",
     ]
+
+
+def test_image_files_keeps_what_the_folder_walk_keeps(tmp_path: Path) -> None:
+    names = ["b.png", "a.JPG", "sub/c.tif", "sub/deeper/d.webp", "sub.png", "sub-x.png", "Z.bmp"]
+    names += ["exp1_num_1.jpg", "exp1_num_1.png", "lonely.png", "000_mask.png", "sub/e_MASK.bmp"]
+    names += [".hidden.png", ".cache/e.png", "sub/.git/f.png"]
+    for name in names:
+        touch_image(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("x")
+    listing = [
+        (Path(folder) / file).relative_to(tmp_path).as_posix()
+        for folder, _, files in os.walk(tmp_path)
+        for file in files
+    ]
+    walked = rel(list_images([tmp_path]), tmp_path)
+    assert image_files(listing) == walked
+    assert image_files(sorted(listing, reverse=True)) == walked  # an object store lists in any order
+    assert "sub.png" in walked and "exp1_num_1.png" not in walked
 
 
 def test_named_files_are_taken_as_given(tmp_path: Path) -> None:
