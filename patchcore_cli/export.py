@@ -280,7 +280,6 @@ def to_onnx(scorer: Scorer) -> bytes:
         "bank_rows": str(bank.rows),
         "input": contract(scorer.config),
     }
-    del model.metadata_props[:]
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = f"patchcore.{key}", value
@@ -297,8 +296,8 @@ def contract(config: FitConfig) -> str:
     )
     return (
         f"input '{INPUT}': uint8 [N, {crop}, {crop}, 3], RGB, channels last: {framing} by Pillow's bilinear "
-        f"resize (reducing_gap=3.0), as patchcore_cli.export.preprocess_image; scaling to [0, 1], the "
-        "backbone's mean and std and everything after are in the graph"
+        f"resize (reducing_gap=3.0), as patchcore_cli.data.load_image + features.preprocess do; scaling "
+        "to [0, 1], the backbone's mean and std and everything after are in the graph"
     )
 
 
