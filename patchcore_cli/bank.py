@@ -75,10 +75,7 @@ class Bank:
 
 
 def save(bank: Bank, path: str | Path) -> None:
-    """Write `bank` to `path` atomically: a temporary file in the same folder, fsync, then rename.
-
-    An interrupted or failed write leaves the previous file (or none) and no temporary file behind.
-    """
+    """Write `bank` to `path` atomically (see `write_atomic`)."""
     from safetensors.numpy import save as to_bytes
 
     from patchcore_cli import __version__
@@ -105,8 +102,16 @@ def save(bank: Bank, path: str | Path) -> None:
         )
         for index, member in enumerate(bank.members[1:], start=1):
             tensors[f"{TENSOR_NAME}.{index}"] = np.ascontiguousarray(member.memory_bank, dtype=np.float32)
-    payload = to_bytes(tensors, metadata)
-    check_destination(path)
+    write_atomic(path, to_bytes(tensors, metadata), "bank")
+
+
+def write_atomic(path: Path, payload: bytes, what: str) -> None:
+    """Write `payload` to `path` atomically: a temporary file in the same folder, fsync, then rename.
+
+    An interrupted or failed write leaves the previous file (or none) and no temporary file behind.
+    `what` names the file's kind in errors ("bank", "ONNX model").
+    """
+    check_destination(path, what)
     folder = path.parent
     tmp_name = None
     try:
@@ -119,15 +124,15 @@ def save(bank: Bank, path: str | Path) -> None:
         tmp_name = None
         _fsync_dir(folder)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot write bank ({exc.strerror or exc})") from exc
+        raise OutputError(f"{path}: cannot write {what} ({exc.strerror or exc})") from exc
     finally:
         if tmp_name is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
 
 
-def check_destination(path: str | Path) -> None:
-    """OutputError unless `path` can become a bank file: its folder exists and it is not itself a folder.
+def check_destination(path: str | Path, what: str = "bank") -> None:
+    """OutputError unless `path` can become a file of kind `what`: its folder exists and it is not a folder.
 
     `save` checks this, and `fit` can check it before the fit, so a mistyped --out fails at once.
     """
@@ -135,7 +140,7 @@ def check_destination(path: str | Path) -> None:
     if not path.parent.is_dir():
         raise OutputError(f"{path}: folder {path.parent} does not exist")
     if path.is_dir():
-        raise OutputError(f"{path}: is a folder; give a file name for the bank")
+        raise OutputError(f"{path}: is a folder; give a file name for the {what}")
 
 
 def _fsync_dir(folder: Path) -> None:

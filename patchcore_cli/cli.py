@@ -536,6 +536,46 @@ def _write_maps(
         report.save_png(masks / mask_names[result.path], binary)
 
 
+# --- export ----------------------------------------------------------------------------------------
+
+
+@app.command("export")
+@handle_errors
+def export_onnx(
+    bank_path: Annotated[
+        Path, typer.Argument(help="Bank file written by `patchcore fit`.", show_default=False)
+    ],
+    onnx_path: Annotated[Path, typer.Option("--onnx", help="ONNX model file to write.", show_default=False)],
+    check: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--check",
+            help="Images, folders or globs to compare the model with `patchcore score` on before writing it "
+            "(default: 4 seeded random images).",
+        ),
+    ] = None,
+    weights: WeightsOpt = None,
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a bank and its backbone to one ONNX model: image in; score, normalised score, verdict and
+    anomaly map out (see docs/deploy.md)."""
+    from patchcore_cli import bank as bank_io
+    from patchcore_cli import export, report
+    from patchcore_cli.data import list_images
+
+    export.require_runtime()
+    bank_io.check_destination(onnx_path, "ONNX model")
+    paths = list_images(check) if check else []
+    scorer = _open_scorer(bank_path, threads=threads, weights=weights)
+    with err.status("exporting and checking against the engine"):
+        result = export.export(scorer, onnx_path, paths, threads)
+    if as_json:
+        print(json.dumps(report.export_json(result, bank_path)))
+    else:
+        out.print(report.export_table(result, bank_path))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -67,21 +67,29 @@ class Trunk:
 
         from patchcore_cli.device import full_fp32
 
-        x = (pixels.to(self.device) - self.mean) / self.std
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out: dict[str, torch.Tensor] = {}
         autocast = (
             torch.autocast(self.device, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         )
         with torch.inference_mode(), full_fp32(self.device), autocast:
-            if self.features_only:
-                maps = self.modules[0](x)
-                return {name: maps[index].float() for index, name in self.taps.items()}
-            for index, module in enumerate(self.modules):
-                x = module(x)
-                if index in self.taps:
-                    out[self.taps[index]] = x.float()
+            return self.maps(pixels.to(self.device))
+
+    def maps(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What `__call__` computes, without its inference mode, precision and autocast contexts, so that
+        an exporter can trace it (export.py). B x 3 x H x W float in [0, 1], on the trunk's device ->
+        {stage: B x C_stage x H/s x W/s}."""
+        import torch
+
+        x = (pixels - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.features_only:
+            maps = self.modules[0](x)
+            return {name: maps[index].float() for index, name in self.taps.items()}
+        out: dict[str, torch.Tensor] = {}
+        for index, module in enumerate(self.modules):
+            x = module(x)
+            if index in self.taps:
+                out[self.taps[index]] = x.float()
         return out
 
 
@@ -89,8 +97,12 @@ def to_tensor(batch: Sequence[np.ndarray]) -> torch.Tensor:
     """N arrays of H x W x 3 uint8 -> N x 3 x H x W float32 in [0, 1]."""
     import torch
 
-    stacked = torch.from_numpy(np.stack(batch))  # N x H x W x 3
-    return stacked.permute(0, 3, 1, 2).float().div_(255.0)
+    return to_float(torch.from_numpy(np.stack(batch)))
+
+
+def to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """N x H x W x 3 uint8 tensor -> N x 3 x H x W float32 in [0, 1] (also traced by export.py)."""
+    return pixels.permute(0, 3, 1, 2).float() / 255.0
 
 
 def embed(

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from patchcore_cli.engine import FitResult, ScoreResult
+    from patchcore_cli.export import ExportResult
     from patchcore_cli.geometry import Geometry
 
 
@@ -73,6 +74,38 @@ def fit_json(result: FitResult, out: Path) -> dict[str, Any]:
         "calibration": bank.calibration,
         "config": bank.config,
         "random_weights": result.random_weights,
+    }
+
+
+def export_table(result: ExportResult, bank_path: Path) -> Table:
+    from rich.table import Table
+
+    parity = result.parity
+    table = Table(title=f"Exported {escape(str(result.path))}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("bank", escape(str(bank_path)))
+    table.add_row("model", f"ONNX opset {result.opset}, {result.nbytes / 1e6:.1f} MB")
+    table.add_row("input", f"image: {result.input} (see docs/deploy.md)")
+    table.add_row("outputs", ", ".join(result.outputs))
+    table.add_row(f"checked on {result.checked_on}", "same verdicts as `patchcore score`")
+    table.add_row("  score: max rel. difference", f"{parity.score_rel:.1e}")
+    table.add_row("  map: max abs. difference", f"{parity.map_abs:.1e}")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    return table
+
+
+def export_json(result: ExportResult, bank_path: Path) -> dict[str, Any]:
+    return {
+        "bank": str(bank_path),
+        "onnx": str(result.path),
+        "bytes": result.nbytes,
+        "opset": result.opset,
+        "input": result.input,
+        "outputs": list(result.outputs),
+        "checked_on": result.checked_on,
+        "parity": result.parity.as_dict(),
+        "seconds": round(result.seconds, 3),
     }
 
 
