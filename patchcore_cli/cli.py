@@ -778,3 +778,18 @@ def demo(
         rows = [(config.backbone, config)]
         _run_benchmark(splits, rows, list(CATEGORIES), True, out_dir, as_json, None, report_dir=report_dir)
     err.print(f"demo finished in {time.perf_counter() - began:.1f} s")
+
+
+# --- warmup ----------------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def warmup() -> None:
+    """Compile the coreset and search kernels now, so that no later run waits for it (once per install)."""
+    from patchcore_cli.jit import warm_up
+
+    for item in warm_up():
+        done = "compiled" if item.compiled else "loaded from the cache"
+        seconds = f"{item.seconds:.1f} s ({item.cpu_seconds:.1f} s CPU)"
+        print(f"{item.module} kernels {done} in {seconds}: {item.cache}")
