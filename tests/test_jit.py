@@ -1,5 +1,5 @@
 """The numba kernels always have a writable cache, `patchcore warmup` covers every signature that fit and
-score compile."""
+score compile, and the score path's cold start stays free of what it does not need."""
 
 from __future__ import annotations
 
@@ -136,3 +136,18 @@ def test_warmup_command_reports_both_modules():
     lines = result.stdout.splitlines()
     assert [line.split()[0] for line in lines] == ["coreset", "search"]
     assert all(" in " in line and "s CPU" in line for line in lines)
+
+
+def test_help_and_a_lite_backbone_import_no_more_than_they_need():
+    code = """
+import sys
+from typer.testing import CliRunner
+from patchcore_cli.cli import app
+assert CliRunner().invoke(app, ["score", "--help"]).exit_code == 0
+print(sorted(m for m in ("torch", "numba", "PIL", "timm", "torchvision") if m in sys.modules))
+from patchcore_cli.backbones import load_backbone
+load_backbone("efficientnet_lite0")
+print(sorted(m for m in ("timm", "torchvision", "torch._dynamo") if m in sys.modules))
+"""
+    help_imports, lite_imports = python(code).strip().splitlines()
+    assert help_imports == "[]" and lite_imports == "[]"
