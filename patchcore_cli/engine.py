@@ -547,6 +547,20 @@ class Scorer:
         z = (score - self.threshold) / self.scale
         return float(1.0 / (1.0 + math.exp(-max(min(z, 500.0), -500.0))))
 
+    def warm_up(self, keep_maps: bool = False) -> None:
+        """Score one blank crop, so that a long-running process's first real image is as fast as the next:
+        the first forward pass sets up the backbone's kernels, and the first search loads the search
+        kernels. Nothing is kept, and the time is not added to `timings`."""
+        blank = Decoded(
+            Path("warm-up"), np.zeros((self.config.crop, self.config.crop, 3), np.uint8), None, None
+        )
+        counted, self.timings = self.timings, Timings()
+        try:
+            embeddings = [part.extractor([blank.pixels], self.timings) for part in self.parts]
+            self._score_batch([blank], embeddings, keep_maps)
+        finally:
+            self.timings = counted
+
     def score_paths(
         self,
         paths: Sequence[Path],
