@@ -413,6 +413,7 @@ def _watch(
     import threading
 
     from patchcore_cli import report
+    from patchcore_cli.errors import ImageError
     from patchcore_cli.watch import DEFAULT_SETTLE, FolderWatch, watch
 
     columns = ["file", "score", "normalized", "anomalous", "error"]
@@ -425,7 +426,12 @@ def _watch(
             if result.anomaly_map is not None:  # named as `score` names them: <stem>_heatmap.png
                 heat_names = report.output_names([result.path], "_heatmap")
                 mask_names = report.output_names([result.path], "_mask")
-                _write_maps(result, scorer, heatmaps, heat_names, masks, mask_names, _max_pixels(max_pixels))
+                try:
+                    _write_maps(
+                        result, scorer, heatmaps, heat_names, masks, mask_names, _max_pixels(max_pixels)
+                    )
+                except ImageError as exc:  # the overlay reads the image again: it may be gone by now
+                    err.print(f"[yellow]no heatmap or mask:[/] {escape(exc.message)}", highlight=False)
         else:
             counts["unreadable"] += 1
         record = report.score_record(result)

@@ -14,9 +14,10 @@ An image is handed over to the scorer only once it is complete:
   it is not reported: it is scored again once it settles.
 
 Files already in the folder when the watch starts are not scored unless asked (`existing`). A file that
-is replaced under the same name (a new inode, as a rename gives) is scored again; one rewritten in place
-after it was scored is not. The folder is read with one `os.scandir` per look, and only new or unsettled
-files are `stat`-ed, so a folder that keeps thousands of scored images stays cheap to watch.
+is replaced under the same name by a rename (a new inode) is scored again; one rewritten in place after
+it was scored is not, nor one deleted and written again between two looks if the file system gives it
+the old inode back. The folder is read with one `os.scandir` per look, and only new or unsettled files
+are `stat`-ed, so a folder that keeps thousands of scored images stays cheap to watch.
 """
 
 from __future__ import annotations

@@ -261,3 +261,34 @@ def test_interrupt_and_service_stop_end_cleanly(tmp_path, bank_file, sent, code)
     stderr = "".join(seen) + rest
     assert proc.returncode == code, stderr
     assert "Traceback" not in stderr and "0 scored, 0 anomalous, 0 unreadable" in stderr
+
+
+def test_an_image_gone_before_its_heatmap_is_drawn_does_not_stop_the_watch(
+    tmp_path, bank_file, images, monkeypatch
+):
+    from patchcore_cli import cli
+    from patchcore_cli.errors import ImageError
+
+    def vanished(result, *args):
+        raise ImageError(result.path, "file not found")  # moved away by the line before the overlay
+
+    monkeypatch.setattr(cli, "_write_maps", vanished)
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copyfile(images[0], folder / name)
+    args = [
+        "score",
+        "--watch",
+        folder,
+        "--bank",
+        bank_file,
+        "--existing",
+        "--settle",
+        "0",
+        "--max-images",
+        "2",
+    ]
+    result = runner.invoke(app, [*map(str, args), "--json", "--heatmaps", str(tmp_path / "heat")])
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 2 and result.stderr.count("no heatmap or mask") == 2
