@@ -146,8 +146,10 @@ from patchcore_cli.cli import app
 assert CliRunner().invoke(app, ["score", "--help"]).exit_code == 0
 print(sorted(m for m in ("torch", "numba", "PIL", "timm", "torchvision") if m in sys.modules))
 from patchcore_cli.backbones import load_backbone
+from patchcore_cli.engine import set_threads
 load_backbone("efficientnet_lite0")
-print(sorted(m for m in ("timm", "torchvision", "torch._dynamo") if m in sys.modules))
+set_threads(1, "exact")
+print(sorted(m for m in ("timm", "torchvision", "torch._dynamo", "faiss") if m in sys.modules))
 """
     help_imports, lite_imports = python(code).strip().splitlines()
     assert help_imports == "[]" and lite_imports == "[]"
