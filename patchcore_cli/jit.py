@@ -1,15 +1,17 @@
 """Where the numba kernels of coreset.py and search.py are cached, and compiling them ahead of time.
 
-numba compiles a kernel the first time a process calls it: about 20-45 s for the coreset and 5-13 s for
-the exact search on two cores (docs/latency.md). With `cache=True` it writes the machine code to disk and
-later processes load it in well under a second. The cache is keyed by the source file (path, size and
-modification time), the Python and numba versions, the argument types and the CPU model, so a new
-install, a new clone, an upgrade or another CPU model compiles once more.
+numba compiles a kernel the first time a process calls it: about 18 s of CPU for the coreset and 4 s for
+the exact search (docs/latency.md). With `cache=True` it writes the machine code to disk and later
+processes load it in under half a second. An entry holds for one source file content (numba 0.68; older
+releases compared its modification time and size), one Python and numba version, one set of argument
+types and one CPU model. A new install or clone starts with an empty cache, and an upgrade or another
+CPU model compiles once more.
 
 numba only uses a folder it can write to: $NUMBA_CACHE_DIR when set, else the package's `__pycache__`,
 else the user's cache folder. When none of them is writable, as in a container with a read-only root
-filesystem, importing a kernel module fails. `ensure_cache_dir` adds a last folder in the temp directory
-so that never happens, and `warm_up` (`patchcore warmup`) compiles every kernel before the first real run.
+filesystem, importing a kernel module fails. `ensure_cache_dir` chooses the folder itself when the
+package's is read-only: the user's cache folder, else a private folder in the temp directory. `warm_up`
+(`patchcore warmup`) compiles every kernel before the first real run.
 """
 
 from __future__ import annotations
