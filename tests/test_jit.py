@@ -1,5 +1,5 @@
 """The numba kernels always have a writable cache, `patchcore warmup` covers every signature that fit and
-score compile, and the score path's cold start stays free of what it does not need."""
+score compile, and `--help` stays free of what it does not need."""
 
 from __future__ import annotations
 
