@@ -477,7 +477,7 @@ def load_backbone(name: str, weights: str | None = None, seed: int = 0) -> Loade
         )
         return LoadedBackbone(spec, model, str(path), sha256_file(path))
     state = _read_state_dict(path)
-    if spec.positional_weights and not any(k in model.state_dict() for k in state):
+    if spec.positional_weights and state.keys().isdisjoint(model.state_dict()):  # built once, not per key
         _load_positional(model, state, path)
     else:
         _load_named(model, state, path)

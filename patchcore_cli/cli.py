@@ -351,8 +351,9 @@ def fit(
 @handle_errors
 def score(
     inputs: Annotated[
-        list[str], typer.Argument(help="Images, folders or globs to score.", show_default=False)
-    ],
+        list[str] | None,
+        typer.Argument(help="Images, folders or globs to score (or --watch DIR).", show_default=False),
+    ] = None,
     bank_path: Annotated[Path, typer.Option("--bank", help="Bank file written by `patchcore fit`.")] = Path(
         "bank.st"
     ),
@@ -388,13 +389,56 @@ def score(
         int | None,
         typer.Option("--ray-actors", min=1, help="With --ray: scoring actors; default as many as fit."),
     ] = None,
+    watch_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--watch",
+            help="Keep running: score each new image file that appears in this folder, one result line "
+            "each (JSON lines with --json). Load once, score many; Ctrl-C stops.",
+        ),
+    ] = None,
+    settle: Annotated[
+        float | None,
+        typer.Option(
+            "--settle",
+            min=0.0,
+            help="With --watch: seconds a new file must keep its size before it is read (default 0.25); "
+            "0 when files are renamed into the folder complete.",
+            show_default=False,
+        ),
+    ] = None,
+    existing: Annotated[
+        bool, typer.Option("--existing", help="With --watch: also score the images already in the folder.")
+    ] = False,
+    max_images: Annotated[
+        int | None, typer.Option("--max-images", min=1, help="With --watch: stop after this many results.")
+    ] = None,
 ) -> None:
     """Score images against a bank: raw score, normalised score (threshold = 0.5) and verdict."""
     from patchcore_cli import report
     from patchcore_cli.data import list_images
+    from patchcore_cli.errors import ConfigError
 
     if as_json and as_csv:
         raise typer.BadParameter("choose one of --json and --csv")
+    if watch_dir is not None:
+        given = [name for name, on in (("PATH", inputs), ("--fail-on-anomaly", fail_on_anomaly),
+                 ("--skip-bad", skip_bad), ("--fail-on-skip", fail_on_skip), ("--ray", ray or ray_address))
+                 if on]  # fmt: skip
+        if given:
+            raise ConfigError(f"--watch scores the images that arrive in its folder; drop {', '.join(given)}")
+        for output in (heatmaps, masks):
+            if output is not None:
+                _make_dir(output)
+                if watch_dir.is_dir() and output.resolve() == watch_dir.resolve():
+                    raise ConfigError(f"{output}: write heatmaps and masks outside the watched folder")
+        scorer = _open_scorer(
+            bank_path, batch_size=batch_size, threads=threads, weights=weights, index=index, device=device
+        )
+        _watch(scorer, watch_dir, as_json, as_csv, heatmaps, masks, settle, existing, max_images, max_pixels)
+        return
+    if not inputs:
+        raise ConfigError("score needs images to score (PATH...) or a folder to watch (--watch DIR)")
     ray_options = _ray_options(ray, ray_address, ray_cpus, ray_actors)
     if ray_options is not None:
         runtime = {"batch_size": batch_size, "threads": threads, "weights": weights, "index": index}
@@ -493,6 +537,79 @@ def _score_on_ray(
             on_result=write_outputs,
         )
     return results, float(bank.calibration["image_threshold"])
+
+
+def _watch(
+    scorer: Any,
+    folder: Path,
+    as_json: bool,
+    as_csv: bool,
+    heatmaps: Path | None,
+    masks: Path | None,
+    settle: float | None,
+    existing: bool,
+    max_images: int | None,
+    max_pixels: int | None,
+) -> None:
+    """`score --watch`: one result line per image on stdout, flushed at once, until Ctrl-C (exit 130),
+    SIGTERM (exit 0) or --max-images."""
+    import signal
+    import threading
+
+    from patchcore_cli import report
+    from patchcore_cli.errors import ImageError
+    from patchcore_cli.watch import DEFAULT_SETTLE, FolderWatch, watch
+
+    columns = ["file", "score", "normalized", "anomalous", "error"]
+    counts = {"scored": 0, "anomalous": 0, "unreadable": 0}
+
+    def give(result: Any) -> None:
+        if result.error is None:
+            counts["scored"] += 1
+            counts["anomalous"] += bool(result.anomalous)
+            if result.anomaly_map is not None:  # named as `score` names them: <stem>_heatmap.png
+                heat_names = report.output_names([result.path], "_heatmap")
+                mask_names = report.output_names([result.path], "_mask")
+                try:
+                    _write_maps(
+                        result, scorer, heatmaps, heat_names, masks, mask_names, _max_pixels(max_pixels)
+                    )
+                except ImageError as exc:  # the overlay reads the image again: it may be gone by now
+                    err.print(f"[yellow]no heatmap or mask:[/] {escape(exc.message)}", highlight=False)
+        else:
+            counts["unreadable"] += 1
+        record = report.score_record(result)
+        if as_json:
+            print(json.dumps(record), flush=True)
+        elif as_csv:
+            sys.stdout.write(report.csv_text([record], columns, header=False))
+            sys.stdout.flush()
+        else:
+            out.print(report.score_line(result), highlight=False, soft_wrap=True)
+
+    def ready(watcher: FolderWatch) -> None:
+        before = f"; {watcher.skipped} image(s) already there are not scored" if watcher.skipped else ""
+        err.print(f"watching {escape(str(folder))} (Ctrl-C stops){before}", highlight=False, soft_wrap=True)
+
+    stop = threading.Event()
+    # A service manager's stop (SIGTERM) ends the watch after the current image, with the summary line.
+    in_main = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if in_main else None
+    if as_csv:
+        sys.stdout.write(report.csv_text([], columns))
+        sys.stdout.flush()
+    try:
+        watch(
+            scorer, folder, give, DEFAULT_SETTLE if settle is None else settle, existing, max_images,
+            keep_maps=heatmaps is not None or masks is not None, max_pixels=_max_pixels(max_pixels),
+            stop=stop, on_ready=ready,
+        )  # fmt: skip
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+        err.print(
+            f"{counts['scored']} scored, {counts['anomalous']} anomalous, {counts['unreadable']} unreadable"
+        )
 
 
 def _make_dir(folder: Path) -> None:
@@ -1007,3 +1124,18 @@ def demo(
         rows = [(config.backbone, config)]
         _run_benchmark(splits, rows, list(CATEGORIES), True, out_dir, as_json, None, report_dir=report_dir)
     err.print(f"demo finished in {time.perf_counter() - began:.1f} s")
+
+
+# --- warmup ----------------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def warmup() -> None:
+    """Compile the coreset and search kernels now, so that no later run waits for it (once per install)."""
+    from patchcore_cli.jit import warm_up
+
+    for item in warm_up():
+        done = "compiled" if item.compiled else "loaded from the cache"
+        seconds = f"{item.seconds:.1f} s ({item.cpu_seconds:.1f} s CPU)"
+        print(f"{item.module} kernels {done} in {seconds}: {item.cache}")

@@ -29,6 +29,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from patchcore_cli.jit import ensure_cache_dir
+
+ensure_cache_dir()  # before the kernels below are defined: numba picks their cache folder then
+
 # Pruning compares distances computed with rounding; widening each bound by a relative slack (and, for the
 # float32 sketch, an absolute tolerance) keeps every point that could possibly move, so pruning never changes
 # the result, only the work.

@@ -138,10 +138,24 @@ def score_table(results: Sequence[ScoreResult], threshold: float) -> Table:
     return table
 
 
-def csv_text(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+def score_line(result: ScoreResult) -> str:
+    """One result as one line of Rich markup (`score --watch`): file, score, normalised score, verdict."""
+    from rich.markup import escape
+
+    if result.error is not None:
+        return f"{escape(str(result.path))}  [yellow]unreadable: {escape(result.error)}[/]"
+    verdict = "[bold red]ANOMALOUS[/]" if result.anomalous else "[green]good[/]"
+    return (
+        f"{escape(str(result.path))}  score {fmt(result.score, 4)}  "
+        f"normalised {fmt(result.normalized, 3)}  {verdict}"
+    )
+
+
+def csv_text(records: Sequence[dict[str, Any]], columns: Sequence[str], header: bool = True) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
+    if header:
+        writer.writeheader()
     for record in records:
         writer.writerow(record)
     return buffer.getvalue()

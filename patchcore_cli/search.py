@@ -34,6 +34,10 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
+from patchcore_cli.jit import ensure_cache_dir
+
+ensure_cache_dir()  # before the kernels below are defined: numba picks their cache folder then
+
 _FASTMATH = {"reassoc", "contract"}  # vectorised float64 sums; no NaN/inf shortcuts
 _PCA_DIM = 32  # principal axes in bound 2; more axes prune more rows but cost more per row checked
 _PCA_SAMPLE = 4096  # rows used to estimate the principal axes; any orthonormal basis gives a valid bound
@@ -104,7 +108,9 @@ class ClusterIndex:
         skip: optional Q source ids; query i ignores bank rows whose source is skip[i] (a negative id
         skips nothing). A query that finds no row (all skipped) gets distance inf and row -1.
         """
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        # Writable as well as contiguous: a read-only array (a row of a memory-mapped bank) is another
+        # type to numba, and would compile the kernels a second time.
+        queries = np.require(queries, np.float32, ["C", "W"])
         count = queries.shape[0]
         out_d2 = np.empty(count, np.float64)
         out_row = np.empty(count, np.int64)
@@ -137,7 +143,7 @@ class ClusterIndex:
         For a few queries (paper eq. 7 asks for b neighbours of one bank row per image), by brute force
         with the same exact distances and the same tie rule; missing neighbours are inf / -1.
         """
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        queries = np.require(queries, np.float32, ["C", "W"])  # see `nearest`
         count = queries.shape[0]
         skips = np.full(count, -1, np.int64) if skip is None else np.ascontiguousarray(skip, np.int64)
         out_d2 = np.full((count, k), np.inf)

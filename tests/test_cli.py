@@ -233,7 +233,7 @@ def test_bad_config_is_exit_code_2(washer, tmp_path, yaml_text, message):
 
 def test_every_command_has_help_and_is_documented():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    commands = ["fit", "score", "evaluate", "benchmark mvtec", "benchmark folder", "demo", "export"]
+    commands = ["fit", "score", "evaluate", "benchmark mvtec", "benchmark folder", "demo", "export", "warmup"]
     for command in commands:
         result = invoke(*command.split(), "--help")
         assert result.exit_code == 0, command
