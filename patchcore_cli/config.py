@@ -45,8 +45,9 @@ class FitConfig:
     num_neighbors: int = 9  # paper eq. 7: b = 9; 1 turns the reweighting off
     sigma: float = 4.0  # paper §3.3
     precision: str = "fp32"
-    threshold_sigma: float = 3.0
-    calibration_images: int = 50
+    target_fpr: float | None = 0.01  # false alarms on good parts the threshold aims at; None: mean + k std
+    threshold_sigma: float = 3.0  # k of the mean + k std rule, used only when target_fpr is None
+    calibration_images: int = 500  # good images left out one at a time to calibrate (a seeded sample)
     batch_size: int = 8
     threads: int | None = None
     index: str = "exact"
@@ -75,12 +76,12 @@ _INT_FIELDS = {
     "batch_size",
     "threads",
 }
-_FLOAT_FIELDS = {"coreset", "sigma", "threshold_sigma"}
+_FLOAT_FIELDS = {"coreset", "sigma", "threshold_sigma", "target_fpr"}
 _STR_FIELDS = {"backbone", "weights", "precision", "reduction", "index", "framing", "stage_weighting"}
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
-    if value is None and key in ("weights", "threads"):
+    if value is None and key in ("weights", "threads", "target_fpr"):
         return None
     if key == "layers":
         if isinstance(value, str):
@@ -139,6 +140,10 @@ def validate(config: FitConfig, source: str = "config") -> FitConfig:
         (
             config.precision in PRECISIONS,
             f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}",
+        ),
+        (
+            config.target_fpr is None or 0 < config.target_fpr < 1,
+            f"target_fpr must be between 0 and 1 (exclusive), got {config.target_fpr}",
         ),
         (config.threshold_sigma > 0, f"threshold_sigma must be positive, got {config.threshold_sigma}"),
         (
@@ -240,7 +245,7 @@ def build(config_file: Path | None = None, preset: str | None = None, **override
 
 
 # Fields added after format v1 shipped, with the value every older bank was fitted with.
-_BEFORE_FIELD: dict[str, Any] = {"framing": "crop", "stage_weighting": "none"}
+_BEFORE_FIELD: dict[str, Any] = {"framing": "crop", "stage_weighting": "none", "target_fpr": None}
 
 
 def from_bank(stored: Mapping[str, Any], **runtime: Any) -> FitConfig:
