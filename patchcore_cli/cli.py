@@ -190,6 +190,13 @@ PresetOpt = Annotated[
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="YAML file of options; command-line options override it.")
 ]
+TargetFprOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--target-fpr",
+        help="False-alarm rate on good parts the threshold is calibrated to, in (0, 1); default 0.01.",
+    ),
+]
 MaxPixelsOpt = Annotated[
     int | None,
     typer.Option("--max-pixels", min=1, help="Refuse images with more pixels than this (default 64M)."),
@@ -245,6 +252,7 @@ def fit(
     threads: ThreadsOpt = None,
     index: IndexOpt = None,
     precision: PrecisionOpt = None,
+    target_fpr: TargetFprOpt = None,
     preset: PresetOpt = None,
     config_file: ConfigOpt = None,
     max_pixels: MaxPixelsOpt = None,
@@ -341,11 +349,12 @@ def score(
     records = [report.score_record(r) for r in results]
     skipped = [r for r in results if r.error is not None]
     if as_json:
-        print(json.dumps({"bank": str(bank_path), "threshold": scorer.threshold, "results": records}))
+        document = {"bank": str(bank_path), "threshold": scorer.threshold, "promise": scorer.promise}
+        print(json.dumps({**document, "results": records}))
     elif as_csv:
         sys.stdout.write(report.csv_text(records, ["file", "score", "normalized", "anomalous", "error"]))
     else:
-        out.print(report.score_table(results, scorer.threshold))
+        out.print(report.score_table(results, scorer.threshold, scorer.promise))
         flagged = sum(bool(r.anomalous) for r in results)
         err.print(f"{len(results) - len(skipped)} scored, {flagged} anomalous, {len(skipped)} skipped")
     if skipped:
@@ -603,6 +612,7 @@ _FIT_OPTIONS = (
     "threads",
     "index",
     "precision",
+    "target_fpr",
 )
 
 
@@ -637,6 +647,7 @@ def benchmark_mvtec(
     threads: ThreadsOpt = None,
     index: IndexOpt = None,
     precision: PrecisionOpt = None,
+    target_fpr: TargetFprOpt = None,
     no_pixel_metrics: NoPixelOpt = False,
     out_dir: OutDirOpt = None,
     report_dir: ReportOpt = None,
@@ -713,6 +724,7 @@ def benchmark_folder(
     threads: ThreadsOpt = None,
     index: IndexOpt = None,
     precision: PrecisionOpt = None,
+    target_fpr: TargetFprOpt = None,
     no_pixel_metrics: NoPixelOpt = False,
     out_dir: OutDirOpt = None,
     report_dir: ReportOpt = None,
