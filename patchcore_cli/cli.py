@@ -194,7 +194,7 @@ TargetFprOpt = Annotated[
     float | None,
     typer.Option(
         "--target-fpr",
-        help="False-alarm rate on good parts the threshold is calibrated to, in (0, 1); default 0.01.",
+        help="False-alarm rate on good parts the threshold is calibrated to, in (0, 1); default 0.02.",
     ),
 ]
 MaxPixelsOpt = Annotated[

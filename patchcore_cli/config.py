@@ -45,9 +45,11 @@ class FitConfig:
     num_neighbors: int = 9  # paper eq. 7: b = 9; 1 turns the reweighting off
     sigma: float = 4.0  # paper §3.3
     precision: str = "fp32"
-    target_fpr: float | None = 0.01  # false alarms on good parts the threshold aims at; None: mean + k std
-    threshold_sigma: float = 3.0  # k of the mean + k std rule, used only when target_fpr is None
-    calibration_images: int = 500  # good images left out one at a time to calibrate (a seeded sample)
+    # Calibration (docs/calibration.md): the false-alarm rate on good parts the threshold aims at, from
+    # a seeded sample of good images left out one at a time; target_fpr None: mean + threshold_sigma std.
+    target_fpr: float | None = 0.02
+    threshold_sigma: float = 3.0
+    calibration_images: int = 75
     batch_size: int = 8
     threads: int | None = None
     index: str = "exact"

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.markup import escape
 
+from patchcore_cli.calibration import stored_promise
 from patchcore_cli.errors import OutputError
 
 if TYPE_CHECKING:
@@ -89,8 +90,6 @@ def fit_table(result: FitResult, out: Path) -> Table:
         f"{cal['image_threshold']:.4f} (good mean {cal['image_mean']:.4f}, std {cal['image_std']:.4f}, "
         f"{cal['n_images']} images left out; calibration FPR {cal['calibration_fpr']:.3f})",
     )
-    from patchcore_cli.calibration import stored_promise
-
     table.add_row("promised FPR", f"{promise_text(stored_promise(cal))} on good images")
     return table
 

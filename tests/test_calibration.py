@@ -177,18 +177,19 @@ def fitted(washer):
 
 def test_fit_stores_the_promise_and_scoring_reads_it_back(fitted, tmp_path):
     from patchcore_cli import bank as bank_io
+    from patchcore_cli.config import FitConfig
     from patchcore_cli.engine import Scorer
 
-    record = fitted.bank.calibration
-    assert fitted.bank.config["target_fpr"] == TARGET == record["target_fpr"]
+    record, default = fitted.bank.calibration, FitConfig().target_fpr
+    assert fitted.bank.config["target_fpr"] == default == record["target_fpr"]
     assert record["n_images"] == 8 == len(fitted.calibration_scores)  # every training image left out
-    assert record["predicted_fpr"] == pytest.approx(TARGET)
-    assert record["predicted_fpr_low"] < TARGET < record["predicted_fpr_high"]
+    assert record["predicted_fpr"] == pytest.approx(default)
+    assert record["predicted_fpr_low"] < default < record["predicted_fpr_high"]
     path = tmp_path / "bank.st"
     bank_io.save(fitted.bank, path)
     scorer = Scorer(bank_io.load(path))
     assert scorer.promise == calibration.stored_promise(record)
-    assert scorer.promise["target_fpr"] == TARGET and scorer.promise["n_images"] == 8
+    assert scorer.promise["target_fpr"] == default and scorer.promise["n_images"] == 8
 
 
 def test_an_old_bank_keeps_its_threshold_and_scores_without_a_promise(fitted, washer, tmp_path):

@@ -238,15 +238,17 @@ def test_generic_layout_matches_masks_by_defect_type(washer):
 
 
 def test_score_and_evaluate_show_the_promise(bank, washer, tmp_path):
+    from patchcore_cli.config import FitConfig
+
+    target = FitConfig().target_fpr
     scored = invoke("score", washer / "test" / "good", "--bank", bank, "--json")
     assert scored.exit_code == 0, scored.output
     promise = json.loads(scored.stdout)["promise"]
-    assert promise["target_fpr"] == 0.01 and promise["predicted_fpr"] == pytest.approx(0.01)
-    assert promise["low"] < 0.01 < promise["high"] and promise["n_images"] == 8
+    assert promise["target_fpr"] == target and promise["predicted_fpr"] == pytest.approx(target)
+    assert promise["low"] < target < promise["high"] and promise["n_images"] == 8
     table = invoke("score", washer / "test" / "good", "--bank", bank)
-    title = (
-        f"promised FPR on good images 1.00 % [{100 * promise['low']:.2f} %, {100 * promise['high']:.2f} %]"
-    )
+    interval = f"[{100 * promise['low']:.2f} %, {100 * promise['high']:.2f} %]"
+    title = f"promised FPR on good images {100 * target:.2f} % {interval} (target {100 * target:.2f} %)"
     assert title in " ".join(table.stdout.split())
 
     evaluated = invoke("evaluate", washer, "--bank", bank, "--json", "--out", tmp_path / "eval")
@@ -259,7 +261,7 @@ def test_score_and_evaluate_show_the_promise(bank, washer, tmp_path):
     assert low <= check["measured_fpr"] <= high and high >= 0.6  # 4 good images say little
     assert check["consistent"] == (low <= promise["predicted_fpr"] <= high)
     markdown = (tmp_path / "eval" / "results.md").read_text()
-    assert "| promised FPR (good images) | 1.00 % [" in markdown
+    assert f"| promised FPR (good images) | {100 * target:.2f} % {interval} " in markdown
     assert f"| measured FPR (good test images) | {100 * check['measured_fpr']:.2f} % = " in markdown
     table = invoke("evaluate", washer, "--bank", bank)
     assert "measured FPR (good test images)" in table.stdout and "promised FPR" in table.stdout
