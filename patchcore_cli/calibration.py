@@ -104,10 +104,11 @@ def tail_fpr(
     the distribution-free law Beta(m + 1, n - m); given u, the m excesses are i.i.d. exponential, so
     2 m mean excess / scale ~ chi2(2 m), independently.
     - `fpr` is the predictive probability that a new good score reaches `threshold`, averaged over what
-      the m excesses leave unknown: the excess over u divided by the mean excess follows F(2, 2 m) scaled
-      by 1/2... in closed form P(> u) (1 + d / (m mean excess))^-m for d = threshold - u. So a threshold
-      set where `fpr` equals a target has an expected FPR of exactly that target, when the tail is
-      exponential (the plain plug-in P(> u) exp(-d / mean excess) is, on average, too low).
+      the m excesses leave unknown about the scale. A new excess divided by the mean excess has a law
+      free of the scale, with survival (1 + x / m)^-m, so fpr = P(> u) (1 + d / (m mean excess))^-m for
+      d = threshold - u. A threshold set where `fpr` equals a target therefore has an expected FPR of
+      exactly that target when the tail is exponential; the plain plug-in P(> u) exp(-d / mean excess)
+      would be too low on average.
     - (`low`, `high`) is an interval for the true FPR at `threshold`: each factor gets a sqrt(CONFIDENCE)
       interval, and since P(> u) exp(-d / scale) rises with both, the pair holds with CONFIDENCE.
     Below u the model does not apply: the FPR there is the empirical one (see `empirical_fpr`).

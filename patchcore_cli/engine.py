@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from patchcore_cli import bank as bank_io
-from patchcore_cli.calibration import stored_promise
+from patchcore_cli.calibration import sigma_threshold, stored_promise, target_fpr_threshold
 from patchcore_cli.config import FitConfig
 from patchcore_cli.errors import BankError, ConfigError, ImageError, InputError
 from patchcore_cli.features import Geometry, crop_geometry, embedding_dim, preprocess
@@ -422,17 +422,12 @@ def threshold_from_scores(
     a non-empty `--masks` mask that often); without one, both are mean + k std. Either way the record
     holds the promise: the FPR predicted at the image threshold, with its interval (see `calibration`).
     """
-    from patchcore_cli import calibration
-
     if target_fpr is None:
-        image, pixel = (
-            calibration.sigma_threshold(image_scores, k),
-            calibration.sigma_threshold(map_maxima, k),
-        )
+        image, pixel = sigma_threshold(image_scores, k), sigma_threshold(map_maxima, k)
         rule = f"mean + {k:g} * std of leave-one-image-out scores of good training images"
     else:
-        image = calibration.target_fpr_threshold(image_scores, target_fpr)
-        pixel = calibration.target_fpr_threshold(map_maxima, target_fpr)
+        image = target_fpr_threshold(image_scores, target_fpr)
+        pixel = target_fpr_threshold(map_maxima, target_fpr)
         rule = f"target FPR {target_fpr:g} on leave-one-image-out scores of good training images"
     return {
         "rule": rule,

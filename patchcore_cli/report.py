@@ -36,9 +36,9 @@ def percent(value: float | None) -> str:
 
 
 def promise_text(promise: dict[str, Any] | None) -> str:
-    """A bank's promised FPR on good images (`Scorer.promise`): "1.00 % [0.20 %, 3.15 %] (target 1 %)"."""
+    """A bank's promised FPR on good images (`Scorer.promise`): "2.00 % [0.17 %, 8.76 %] (target 2.00 %)"."""
     if promise is None:
-        return "none stored (the bank predates promised FPRs: mean + 3 std of good scores)"
+        return "none stored (a bank fitted before promised FPRs)"
     reason = (
         f"target {percent(promise['target_fpr'])}" if promise["target_fpr"] is not None else promise["method"]
     )
@@ -90,7 +90,7 @@ def fit_table(result: FitResult, out: Path) -> Table:
         f"{cal['image_threshold']:.4f} (good mean {cal['image_mean']:.4f}, std {cal['image_std']:.4f}, "
         f"{cal['n_images']} images left out; calibration FPR {cal['calibration_fpr']:.3f})",
     )
-    table.add_row("promised FPR", f"{promise_text(stored_promise(cal))} on good images")
+    table.add_row("promised FPR", escape(f"{promise_text(stored_promise(cal))} on good images"))
     return table
 
 
