@@ -218,6 +218,13 @@ PresetOpt = Annotated[
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="YAML file of options; command-line options override it.")
 ]
+TargetFprOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--target-fpr",
+        help="False-alarm rate on good parts the threshold is calibrated to, in (0, 1); default 0.02.",
+    ),
+]
 MaxPixelsOpt = Annotated[
     int | None,
     typer.Option("--max-pixels", min=1, help="Refuse images with more pixels than this (default 64M)."),
@@ -315,6 +322,7 @@ def fit(
     index: IndexOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    target_fpr: TargetFprOpt = None,
     preset: PresetOpt = None,
     config_file: ConfigOpt = None,
     max_pixels: MaxPixelsOpt = None,
@@ -442,7 +450,7 @@ def score(
     ray_options = _ray_options(ray, ray_address, ray_cpus, ray_actors)
     if ray_options is not None:
         runtime = {"batch_size": batch_size, "threads": threads, "weights": weights, "index": index}
-        results, threshold = _score_on_ray(
+        results, threshold, promise = _score_on_ray(
             inputs, bank_path, ray_options, heatmaps, masks, skip_bad, as_json or as_csv, max_pixels, runtime
         )
     else:
@@ -471,15 +479,16 @@ def score(
                 max_pixels=_max_pixels(max_pixels),
                 on_result=write_outputs,
             )
-        threshold = scorer.threshold
+        threshold, promise = scorer.threshold, scorer.promise
     records = [report.score_record(r) for r in results]
     skipped = [r for r in results if r.error is not None]
     if as_json:
-        print(json.dumps({"bank": str(bank_path), "threshold": threshold, "results": records}))
+        document = {"bank": str(bank_path), "threshold": threshold, "promise": promise}
+        print(json.dumps({**document, "results": records}))
     elif as_csv:
         sys.stdout.write(report.csv_text(records, ["file", "score", "normalized", "anomalous", "error"]))
     else:
-        out.print(report.score_table(results, threshold))
+        out.print(report.score_table(results, threshold, promise))
         flagged = sum(bool(r.anomalous) for r in results)
         err.print(f"{len(results) - len(skipped)} scored, {flagged} anomalous, {len(skipped)} skipped")
     if skipped:
@@ -498,12 +507,13 @@ def _score_on_ray(
     machine_output: bool,
     max_pixels: int | None,
     runtime: dict[str, Any],
-) -> tuple[list[Any], float]:
+) -> tuple[list[Any], float, dict[str, Any] | None]:
     """`score --ray`: the bank goes to the workers through the object store; their pictures come back as
     PNG bytes and are named and written here in input order, like a local run's."""
     from patchcore_cli import bank as bank_io
     from patchcore_cli import distributed, report
     from patchcore_cli.backbones import RANDOM_WEIGHTS
+    from patchcore_cli.calibration import stored_promise
 
     sources = distributed.list_inputs(inputs)
     bank = bank_io.load(bank_path)
@@ -536,7 +546,7 @@ def _score_on_ray(
             progress=progress,
             on_result=write_outputs,
         )
-    return results, float(bank.calibration["image_threshold"])
+    return results, float(bank.calibration["image_threshold"]), stored_promise(bank.calibration)
 
 
 def _watch(
@@ -924,6 +934,7 @@ _FIT_OPTIONS = (
     "index",
     "device",
     "precision",
+    "target_fpr",
 )
 
 
@@ -963,6 +974,7 @@ def benchmark_mvtec(
     index: IndexOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    target_fpr: TargetFprOpt = None,
     no_pixel_metrics: NoPixelOpt = False,
     out_dir: OutDirOpt = None,
     report_dir: ReportOpt = None,
@@ -1051,6 +1063,7 @@ def benchmark_folder(
     index: IndexOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    target_fpr: TargetFprOpt = None,
     no_pixel_metrics: NoPixelOpt = False,
     out_dir: OutDirOpt = None,
     report_dir: ReportOpt = None,

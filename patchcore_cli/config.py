@@ -50,8 +50,11 @@ class FitConfig:
     patch_size: int = 3  # paper §3.1: each feature is averaged over a p x p neighbourhood, p = 3
     sigma: float = 4.0  # paper §3.3
     precision: str = "fp32"
+    # Calibration (docs/calibration.md): the false-alarm rate on good parts the threshold aims at, from
+    # a seeded sample of good images left out one at a time; target_fpr None: mean + threshold_sigma std.
+    target_fpr: float | None = 0.02
     threshold_sigma: float = 3.0
-    calibration_images: int = 50
+    calibration_images: int = 75
     batch_size: int = 8
     threads: int | None = None
     index: str = "exact"
@@ -83,7 +86,7 @@ _INT_FIELDS = {
     "batch_size",
     "threads",
 }
-_FLOAT_FIELDS = {"coreset", "sigma", "threshold_sigma", "tile_overlap"}
+_FLOAT_FIELDS = {"coreset", "sigma", "threshold_sigma", "tile_overlap", "target_fpr"}
 _STR_FIELDS = {
     "backbone",
     "weights",
@@ -97,7 +100,7 @@ _STR_FIELDS = {
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
-    if value is None and key in ("weights", "threads"):
+    if value is None and key in ("weights", "threads", "target_fpr"):
         return None
     if key == "layers":
         if isinstance(value, str):
@@ -169,6 +172,10 @@ def validate(config: FitConfig, source: str = "config") -> FitConfig:
         (
             config.precision in PRECISIONS,
             f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}",
+        ),
+        (
+            config.target_fpr is None or 0 < config.target_fpr < 1,
+            f"target_fpr must be between 0 and 1 (exclusive), got {config.target_fpr}",
         ),
         (config.threshold_sigma > 0, f"threshold_sigma must be positive, got {config.threshold_sigma}"),
         (
@@ -276,6 +283,7 @@ _BEFORE_FIELD: dict[str, Any] = {
     "patch_size": 3,
     "tile_size": 0,
     "tile_overlap": 0.25,
+    "target_fpr": None,
 }
 
 

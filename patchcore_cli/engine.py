@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from patchcore_cli import bank as bank_io
+from patchcore_cli.calibration import sigma_threshold, stored_promise, target_fpr_threshold
 from patchcore_cli.config import FitConfig
 from patchcore_cli.errors import BankError, ConfigError, ImageError, InputError
 from patchcore_cli.features import embedding_dim
@@ -256,6 +257,10 @@ class FitResult:
     n_images: int
     n_patches: int
     extractors: list[Extractor]
+    calibration_scores: np.ndarray
+    """C leave-one-out image scores of good training images (NaN where skipped): the threshold's sample."""
+    calibration_map_maxima: np.ndarray
+    """C maxima of the same images' anomaly maps: the pixel threshold's sample."""
 
     @property
     def extractor(self) -> Extractor:
@@ -304,7 +309,7 @@ def fit(
     limit = max_pixels or DEFAULT_MAX_PIXELS
     parts = [_fit_member(paths, member, timings, progress, limit) for member in members(config)]
     if len(parts) == 1:
-        bank = parts[0].bank
+        bank, scores, maps = parts[0].bank, parts[0].loo_scores, parts[0].loo_maps
     else:
         standard = [Standardisation.of(p.bank.calibration) for p in parts]
         scores = np.mean([s.image(p.loo_scores) for s, p in zip(standard, parts, strict=True)], 0)
@@ -315,12 +320,15 @@ def fit(
         bank = bank_io.Bank(
             memory_bank=parts[0].bank.memory_bank,
             config={**config.model_dict(), "weights_file": None},
-            calibration=calibrate(scores, maps, config.threshold_sigma),
+            calibration=calibrate(scores, maps, config),
             weights_sha256="+".join(p.bank.weights_sha256 for p in parts),
             n_train_images=len(paths),
             members=[p.bank for p in parts],
         )
-    return FitResult(bank, timings, len(paths), sum(p.n_patches for p in parts), [p.extractor for p in parts])
+    extractors = [p.extractor for p in parts]
+    maxima = np.array([float(amap.max()) for amap in maps])
+    n_patches = sum(p.n_patches for p in parts)
+    return FitResult(bank, timings, len(paths), n_patches, extractors, scores, maxima)
 
 
 @dataclass(frozen=True)
@@ -401,7 +409,7 @@ def _fit_member(
 
     with timings.stage("calibrate"):
         scores, maps = leave_one_out(training, memory_bank, source_image, config, progress)
-        calibration = calibrate(scores, maps, config.threshold_sigma)
+        calibration = calibrate(scores, maps, config)
     bank = bank_io.Bank(
         memory_bank=memory_bank,
         config={
@@ -481,32 +489,46 @@ def leave_one_out(
     return scores, maps
 
 
-def calibrate(scores: np.ndarray, maps: Sequence[np.ndarray], k: float) -> dict[str, Any]:
+def calibrate(scores: np.ndarray, maps: Sequence[np.ndarray], config: FitConfig) -> dict[str, Any]:
     """Leave-one-out scores (C, NaN where skipped) and their C maps -> the calibration record."""
     valid = np.isfinite(scores)
     if valid.sum() < 2:
         raise InputError("fit: too few distinct good images to calibrate a threshold (need at least 2)")
     maxima = np.array([float(amap.max()) for amap, ok in zip(maps, valid, strict=True) if ok])
-    return threshold_from_scores(scores[valid], maxima, k)
+    return threshold_from_scores(scores[valid], maxima, config.target_fpr, config.threshold_sigma)
 
 
-def threshold_from_scores(image_scores: np.ndarray, map_maxima: np.ndarray, k: float) -> dict[str, Any]:
-    """The calibration record stored in a bank: mean + k*std rule on good-image scores."""
-    mean, std = float(image_scores.mean()), float(image_scores.std(ddof=1))
-    pixel_mean, pixel_std = float(map_maxima.mean()), float(map_maxima.std(ddof=1))
-    threshold = mean + k * std
+def threshold_from_scores(
+    image_scores: np.ndarray, map_maxima: np.ndarray, target_fpr: float | None, k: float = 3.0
+) -> dict[str, Any]:
+    """The calibration record stored in a bank, from N good images' leave-one-out scores and map maxima.
+
+    With a `target_fpr`, the image threshold is the one a new good image exceeds with that probability,
+    and the pixel threshold the one its map's maximum exceeds with that probability (so a good image gets
+    a non-empty `--masks` mask that often); without one, both are mean + k std. Either way the record
+    holds the promise: the FPR predicted at the image threshold, with its interval (see `calibration`).
+    """
+    if target_fpr is None:
+        image, pixel = sigma_threshold(image_scores, k), sigma_threshold(map_maxima, k)
+        rule = f"mean + {k:g} * std of leave-one-image-out scores of good training images"
+    else:
+        image = target_fpr_threshold(image_scores, target_fpr)
+        pixel = target_fpr_threshold(map_maxima, target_fpr)
+        rule = f"target FPR {target_fpr:g} on leave-one-image-out scores of good training images"
     return {
-        "rule": f"mean + {k:g} * std of leave-one-image-out scores of good training images",
+        "rule": rule,
         "n_images": len(image_scores),
-        "threshold_sigma": k,
-        "image_threshold": threshold,
-        "image_mean": mean,
-        "image_std": std,
+        "target_fpr": target_fpr,
+        "threshold_sigma": None if target_fpr is not None else k,
+        **image.record(),
+        "image_threshold": image.threshold,
+        "image_mean": float(image_scores.mean()),
+        "image_std": float(image_scores.std(ddof=1)),
         "image_max": float(image_scores.max()),
-        "calibration_fpr": float((image_scores >= threshold).mean()),
-        "pixel_threshold": pixel_mean + k * pixel_std,
-        "pixel_mean": pixel_mean,
-        "pixel_std": pixel_std,
+        "calibration_fpr": float((image_scores >= image.threshold).mean()),
+        "pixel_threshold": pixel.threshold,
+        "pixel_mean": float(map_maxima.mean()),
+        "pixel_std": float(map_maxima.std(ddof=1)),
     }
 
 
@@ -628,6 +650,8 @@ class Scorer:
                 self.parts.append(_Part(member, config, extractor, bank_path, ensemble))
         cal = bank.calibration
         self.threshold = float(cal["image_threshold"])
+        self.promise = stored_promise(cal)
+        """The FPR on good images the threshold promises (`calibration.stored_promise`), None if none."""
         self.scale = max(float(cal.get("image_std", 0.0)), 1e-6 * abs(self.threshold), 1e-12)
 
     @property

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from patchcore_cli import metrics
+from patchcore_cli.calibration import CONFIDENCE
 from patchcore_cli.config import FitConfig
 from patchcore_cli.data import DEFAULT_MAX_PIXELS, Sample, Split
 from patchcore_cli.engine import Progress, Scorer, ScoreResult, _Silent, fit
@@ -115,6 +116,8 @@ class Evaluation:
     pixel: dict[str, Any] | None
     score_seconds: float
     images: list[dict[str, Any]] = field(default_factory=list)
+    promise: dict[str, Any] | None = None
+    """See `promise_check`."""
     visuals: Visuals | None = None
     """Only when `evaluate` was asked for report cases; never part of `as_dict`."""
 
@@ -129,6 +132,7 @@ class Evaluation:
             "n_defect": self.n_defect,
             "image": self.image,
             "pixel": self.pixel,
+            "promise": self.promise,
             "score_ms_per_image": round(self.ms_per_image, 2),
             "images": self.images,
         }
@@ -217,8 +221,35 @@ def evaluate(
         pixel=pixel,
         score_seconds=seconds,
         images=records,
+        promise=promise_check(scorer.promise, image["calibrated"]),
         visuals=visuals,
     )
+
+
+def promise_check(promise: dict[str, Any] | None, calibrated: dict[str, Any]) -> dict[str, Any]:
+    """The FPR a bank promises against the FPR measured on the good test images at its threshold.
+
+    `promise` is `Scorer.promise` (None for banks without one), `calibrated` the
+    `metrics.thresholded_metrics` at the bank's threshold. -> {"promised": `promise`, "measured_fpr",
+    "measured_interval", "false_positives", "n_good", "confidence", "consistent"}. The measured FPR comes
+    with its Clopper-Pearson interval, because a few dozen good images cannot pin a 1 % rate (0 of 20
+    still allows 16.8 %); `consistent` says whether the promised FPR lies inside it (None without a
+    promise or without good test images).
+    """
+    n_good = calibrated["fp"] + calibrated["tn"]
+    interval = list(metrics.binomial_interval(calibrated["fp"], n_good, CONFIDENCE)) if n_good else None
+    consistent = None
+    if promise is not None and interval is not None:
+        consistent = bool(interval[0] <= promise["predicted_fpr"] <= interval[1])
+    return {
+        "promised": promise,
+        "measured_fpr": calibrated["fp"] / n_good if n_good else None,
+        "measured_interval": interval,
+        "false_positives": calibrated["fp"],
+        "n_good": n_good,
+        "confidence": CONFIDENCE,
+        "consistent": consistent,
+    }
 
 
 def peak_rss_mb() -> float:
@@ -245,6 +276,7 @@ class BenchmarkRow:
 
     def metric(self, name: str) -> float:
         image, pixel = self.evaluation.image, self.evaluation.pixel or {}
+        promise = self.evaluation.promise or {}
         values = {
             "image_auroc": image["image_auroc"],
             "pixel_auroc": pixel.get("pixel_auroc", math.nan),
@@ -253,6 +285,8 @@ class BenchmarkRow:
             "f1": (image["calibrated"] or {}).get("f1", math.nan),
             "oracle_balanced_accuracy": (image["oracle"] or {}).get("balanced_accuracy", math.nan),
             "oracle_f1": (image["oracle"] or {}).get("f1", math.nan),
+            "promised_fpr": _number((promise.get("promised") or {}).get("predicted_fpr")),
+            "fpr": _number(promise.get("measured_fpr")),
             "score_ms_per_image": self.evaluation.ms_per_image,
         }
         return float(values[name])
@@ -269,6 +303,10 @@ class BenchmarkRow:
             "bare_forward_images_per_s": self.bare_forward,
             **self.evaluation.as_dict(),
         }
+
+
+def _number(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 def benchmark(

@@ -218,6 +218,7 @@ def _summary_table(evaluation: Evaluation) -> str:
             [f"{key}: TPR / FPR", f"{fmt(block['tpr'])} / {fmt(block['fpr'])}"],
             [f"{key}: TP / FP / TN / FN", f"{block['tp']} / {block['fp']} / {block['tn']} / {block['fn']}"],
         ]
+    rows += [[label, value] for label, value in report.promise_rows(evaluation)]
     rows.append(["score time", f"{evaluation.ms_per_image:.0f} ms/image"])
     return _key_value_table(rows, css="summary")
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.markup import escape
 
+from patchcore_cli.calibration import stored_promise
 from patchcore_cli.errors import OutputError
 
 if TYPE_CHECKING:
@@ -29,6 +30,40 @@ def fmt(value: float | None, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.{digits}f}"
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f} %"
+
+
+def promise_text(promise: dict[str, Any] | None) -> str:
+    """A bank's promised FPR on good images (`Scorer.promise`): "2.00 % [0.17 %, 8.76 %] (target 2.00 %)"."""
+    if promise is None:
+        return "none stored (a bank fitted before promised FPRs)"
+    reason = (
+        f"target {percent(promise['target_fpr'])}" if promise["target_fpr"] is not None else promise["method"]
+    )
+    interval = f"{percent(promise['low'])}, {percent(promise['high'])}"
+    return f"{percent(promise['predicted_fpr'])} [{interval}] ({reason})"
+
+
+def measured_text(check: dict[str, Any]) -> str:
+    """The FPR measured on good test images (`evaluation.promise_check`): "0.00 % = 0/20 [0.00 %, 16.84 %]"
+    with its confidence interval."""
+    if check["measured_fpr"] is None:
+        return "n/a (no good test images)"
+    low, high = check["measured_interval"]
+    measured = f"{percent(check['measured_fpr'])} = {check['false_positives']}/{check['n_good']}"
+    return f"{measured} [{percent(low)}, {percent(high)}]"
+
+
+def consistency_text(check: dict[str, Any]) -> str:
+    consistent = check["consistent"]
+    if consistent is None:
+        return "n/a"
+    confidence = round(100 * check["confidence"])
+    verdict = "yes: inside" if consistent else "NO: outside"
+    return f"{verdict} the measured FPR's {confidence} % interval"
 
 
 def fit_table(result: FitResult, out: Path) -> Table:
@@ -57,6 +92,7 @@ def fit_table(result: FitResult, out: Path) -> Table:
         f"{cal['image_threshold']:.4f} (good mean {cal['image_mean']:.4f}, std {cal['image_std']:.4f}, "
         f"{cal['n_images']} images left out; calibration FPR {cal['calibration_fpr']:.3f})",
     )
+    table.add_row("promised FPR", escape(f"{promise_text(stored_promise(cal))} on good images"))
     return table
 
 
@@ -120,11 +156,18 @@ def score_record(result: ScoreResult) -> dict[str, Any]:
     }
 
 
-def score_table(results: Sequence[ScoreResult], threshold: float) -> Table:
+def score_table(
+    results: Sequence[ScoreResult], threshold: float, promise: dict[str, Any] | None = None
+) -> Table:
+    """Scores and verdicts; the title gives the threshold and the FPR on good images it promises."""
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"Scores (threshold {threshold:.4f} -> normalised 0.5)", title_justify="left")
+    title = (
+        f"Scores (threshold {threshold:.4f} -> normalised 0.5; "
+        f"promised FPR on good images {promise_text(promise)})"
+    )
+    table = Table(title=escape(title), title_justify="left")
     table.add_column("file", overflow="fold")
     table.add_column("score", justify="right")
     table.add_column("normalised", justify="right")
@@ -477,6 +520,8 @@ BENCHMARK_METRICS = (
     ("f1", "Image F1 at the calibrated threshold (good images only)"),
     ("oracle_balanced_accuracy", "Balanced accuracy at the oracle F1-max threshold (as anomalib reports)"),
     ("oracle_f1", "Image F1 at the oracle F1-max threshold (as anomalib reports)"),
+    ("promised_fpr", "False-positive rate on good images that the calibrated threshold promises"),
+    ("fpr", "False-positive rate measured on good test images at the calibrated threshold"),
 )
 
 
@@ -635,10 +680,24 @@ def evaluation_table(evaluation: Any) -> Table:
             table.add_row("  balanced accuracy", fmt(block["balanced_accuracy"]))
             table.add_row("  F1", fmt(block["f1"]))
             table.add_row("  TPR / FPR", f"{fmt(block['tpr'])} / {fmt(block['fpr'])}")
+    for label, value in promise_rows(evaluation):
+        table.add_row(label, escape(value))
     for defect, value in image["per_defect_auroc"].items():
         table.add_row(f"image AUROC: {defect}", fmt(value))
     table.add_row("score time", f"{evaluation.ms_per_image:.0f} ms/image")
     return table
+
+
+def promise_rows(evaluation: Any) -> list[tuple[str, str]]:
+    """(label, value) rows: the promised FPR on good images against the one measured on the test set."""
+    check = evaluation.promise
+    if check is None:
+        return []
+    return [
+        ("promised FPR (good images)", promise_text(check["promised"])),
+        ("measured FPR (good test images)", measured_text(check)),
+        ("promise consistent with the test", consistency_text(check)),
+    ]
 
 
 def evaluation_markdown(evaluation: Any) -> str:
@@ -660,6 +719,8 @@ def evaluation_markdown(evaluation: Any) -> str:
         if block:
             lines.append(f"| balanced accuracy, {label} | {fmt(block['balanced_accuracy'])} |")
             lines.append(f"| F1, {label} | {fmt(block['f1'])} |")
+    for label, value in promise_rows(evaluation):
+        lines.append(f"| {label} | {value} |")
     for defect, value in image["per_defect_auroc"].items():
         lines.append(f"| image AUROC: {defect} | {fmt(value)} |")
     return "\n".join(lines) + "\n"

@@ -250,3 +250,81 @@ def test_generic_layout_matches_masks_by_defect_type(washer):
     for split in (test_split([good], defects, masks), folder_split([good], defects, masks=masks)):
         for sample in (s for s in split.test if s.label == 1):
             assert sample.mask.parent.name == sample.defect_type, sample
+
+
+# --- the promised false-positive rate ------------------------------------------------------------------
+
+
+def test_score_and_evaluate_show_the_promise(bank, washer, tmp_path):
+    from patchcore_cli.config import FitConfig
+
+    target = FitConfig().target_fpr
+    scored = invoke("score", washer / "test" / "good", "--bank", bank, "--json")
+    assert scored.exit_code == 0, scored.output
+    promise = json.loads(scored.stdout)["promise"]
+    assert promise["target_fpr"] == target and promise["predicted_fpr"] == pytest.approx(target)
+    assert promise["low"] < target < promise["high"] and promise["n_images"] == 8
+    table = invoke("score", washer / "test" / "good", "--bank", bank)
+    interval = f"[{100 * promise['low']:.2f} %, {100 * promise['high']:.2f} %]"
+    title = f"promised FPR on good images {100 * target:.2f} % {interval} (target {100 * target:.2f} %)"
+    assert title in " ".join(table.stdout.split())
+
+    evaluated = invoke("evaluate", washer, "--bank", bank, "--json", "--out", tmp_path / "eval")
+    assert evaluated.exit_code == 0, evaluated.output
+    check = json.loads(evaluated.stdout)["promise"]
+    calibrated = json.loads(evaluated.stdout)["image"]["calibrated"]
+    assert check["promised"] == promise and check["n_good"] == 4
+    assert check["false_positives"] == calibrated["fp"] and check["measured_fpr"] == calibrated["fpr"]
+    low, high = check["measured_interval"]
+    assert low <= check["measured_fpr"] <= high and high >= 0.6  # 4 good images say little
+    assert check["consistent"] == (low <= promise["predicted_fpr"] <= high)
+    markdown = (tmp_path / "eval" / "results.md").read_text()
+    assert f"| promised FPR (good images) | {100 * target:.2f} % {interval} " in markdown
+    assert f"| measured FPR (good test images) | {100 * check['measured_fpr']:.2f} % = " in markdown
+    table = invoke("evaluate", washer, "--bank", bank)
+    assert "measured FPR (good test images)" in table.stdout and "promised FPR" in table.stdout
+
+
+def test_target_fpr_is_stored_and_an_old_bank_says_it_has_no_promise(washer, tmp_path):
+    from patchcore_cli import bank as bank_io
+
+    path = tmp_path / "b.st"
+    fitted = invoke(
+        "fit", washer / "train" / "good", "--out", path, *TINY_OPTIONS, "--target-fpr", "0.05", "--json"
+    )
+    assert fitted.exit_code == 0, fitted.output
+    report = json.loads(fitted.stdout)
+    assert report["config"]["target_fpr"] == 0.05 == report["calibration"]["target_fpr"]
+    assert report["calibration"]["predicted_fpr"] == pytest.approx(0.05)
+
+    loaded = bank_io.load(path)
+    old = bank_io.Bank(
+        memory_bank=np.array(loaded.memory_bank),
+        config={k: v for k, v in loaded.config.items() if k != "target_fpr"},
+        calibration={k: v for k, v in loaded.calibration.items() if not k.startswith("predicted")},
+        weights_sha256=loaded.weights_sha256,
+        n_train_images=loaded.n_train_images,
+    )
+    bank_io.save(old, tmp_path / "old.st")
+    scored = invoke("score", washer / "test" / "good", "--bank", tmp_path / "old.st", "--json")
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.stdout)["promise"] is None
+    table = invoke("score", washer / "test" / "good", "--bank", tmp_path / "old.st")
+    assert "promised FPR on good images none stored" in " ".join(table.stdout.split())
+    evaluated = invoke("evaluate", washer, "--bank", tmp_path / "old.st", "--json")
+    check = json.loads(evaluated.stdout)["promise"]
+    assert check["promised"] is None and check["consistent"] is None and check["n_good"] == 4
+
+
+@pytest.mark.parametrize("value", ["0", "1", "-0.5", "1.5", "nan"])
+def test_target_fpr_outside_zero_one_is_one_line_and_exit_2(washer, tmp_path, value):
+    good, hole = washer / "test" / "good", washer / "test" / "hole"
+    for command in (
+        ["fit", washer / "train" / "good", "--out", tmp_path / "b.st"],
+        ["benchmark", "folder", "--good", good, "--defect", hole, "--no-pixel-metrics"],
+    ):
+        result = invoke(*command, *TINY_OPTIONS, "--target-fpr", value)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().count("\n") == 0
+        assert "target_fpr must be between 0 and 1 (exclusive)" in result.stderr
+    assert not (tmp_path / "b.st").exists()

@@ -63,7 +63,7 @@ def test_heatmap_peaks_at_the_defect(tmp_path):
 
 def test_threshold_is_mean_plus_k_std_of_good_scores():
     scores = np.array([1.0, 2.0, 3.0, 4.0])
-    record = threshold_from_scores(scores, scores * 2, k=3.0)
+    record = threshold_from_scores(scores, scores * 2, target_fpr=None, k=3.0)
     assert record["image_threshold"] == pytest.approx(2.5 + 3 * scores.std(ddof=1))
     assert record["calibration_fpr"] == 0.0
     assert record["n_images"] == 4

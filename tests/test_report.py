@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from patchcore_cli import report
 from patchcore_cli.cli import app
-from patchcore_cli.report import fmt
+from patchcore_cli.report import fmt, measured_text, promise_text
 from tests.conftest import TINY_CONFIG, TINY_OPTIONS
 
 runner = CliRunner()
@@ -181,6 +181,10 @@ def check_numbers(page: Page, section: str, result: dict) -> None:
         assert summary[f"{key}: F1"] == fmt(block["f1"])
         counts = f"{block['tp']} / {block['fp']} / {block['tn']} / {block['fn']}"
         assert summary[f"{key}: TP / FP / TN / FN"] == counts
+    promise = result["promise"]
+    assert summary["promised FPR (good images)"] == promise_text(promise["promised"])
+    assert summary["measured FPR (good test images)"] == measured_text(promise)
+    assert promise["false_positives"] == calibrated["fp"]
     per_defect = [[name, fmt(value)] for name, value in image["per_defect_auroc"].items()]
     assert [["defect type", "image AUROC"], *per_defect] in page.tables
     fp, fn = calibrated["fp"], calibrated["fn"]
