@@ -46,7 +46,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    set_threads(args.threads)
+    try:
+        set_threads(args.threads, "exact")
+    except TypeError:  # checkouts before faiss became optional for the exact index
+        set_threads(args.threads)
     split = split_of(args.dataset)
     scorer = Scorer(bank_io.load(args.bank), bank_path=args.bank)
     scorer.score_paths([s.path for s in split.test[:8]], keep_maps=True)  # warm-up: compile, caches

@@ -589,7 +589,7 @@ def _benchmark_cell(
     from patchcore_cli.engine import set_threads
     from patchcore_cli.evaluation import benchmark_cell
 
-    set_threads(config.threads or cpus)
+    set_threads(config.threads or cpus, config.index)
     try:
         return benchmark_cell(split, label, config, pixel_metrics, None, max_pixels, profile, report_cases)
     except PatchcoreError as exc:  # returned, not raised: Ray would wrap it in pages of traceback
