@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -274,6 +275,21 @@ def build(config_file: Path | None = None, preset: str | None = None, **override
     values.update(from_mapping({k: v for k, v in overrides.items() if v is not None}, "command line"))
     source = str(config_file) if config_file is not None else "options"
     return validate(FitConfig(**values), source)
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b)?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str, option: str = "--max-memory") -> int:
+    """'2GB', '500MB', '1.5G', '800MiB', '65536' -> bytes, in powers of 1024; ConfigError otherwise."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ConfigError(f"{option}: cannot read {text!r} as a size; give one such as 2GB or 500MB")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size < 1:
+        raise ConfigError(f"{option}: the size must be positive, got {text!r}")
+    return size
 
 
 # Fields added after format v1 shipped, with the value every older bank was fitted with.

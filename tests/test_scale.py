@@ -6,9 +6,18 @@ on an array, `TrainingPatches`), so each test pins what the streamed engine must
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
+from typer.testing import CliRunner
 
+from patchcore_cli import config as config_mod
+from patchcore_cli import coreset, engine
+from patchcore_cli.cli import app
 from patchcore_cli.coreset import (
     apportion,
     budget_for,
@@ -16,9 +25,29 @@ from patchcore_cli.coreset import (
     max_rows_for,
     provisional_keep,
     random_projection,
+    shard_start,
     working_set,
 )
+from patchcore_cli.data import list_images
+from patchcore_cli.errors import ConfigError
+from patchcore_cli.sharding import MAX_MEMORY, ShardedCoreset, default_max_memory
 from patchcore_cli.store import ImageRows, Store, StoreWriter
+from tests.conftest import TINY_CONFIG, TINY_OPTIONS
+
+runner = CliRunner()
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_refused(result, code: int, *fragments: str) -> None:
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == code, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
 
 
 def write_store(path, rows: np.ndarray) -> Store:
@@ -143,3 +172,318 @@ def test_budget_arithmetic_is_consistent():
     assert max_rows_for(budget_for(1000, width) - 1, width) == 999
     assert working_set(1000, 1000, width) <= budget_for(1000, width)
     assert max_rows_for(1024, width) == 0
+
+
+# --- the sharded coreset, on arrays ----------------------------------------------------------------------
+
+
+def shard_runs(counts: list[int], max_rows: int) -> list[tuple[int, int]]:
+    """Row ranges of the shards a stream of images (`counts` rows each) is cut into: an image starts a new
+    shard when it would take the current one past max_rows."""
+    runs, lo, at = [], 0, 0
+    for count in counts:
+        if at + count - lo > max_rows:
+            runs.append((lo, at))
+            lo = at
+        at += count
+    return [*runs, (lo, at)]
+
+
+def reference_coreset(rows, counts, max_rows, share, projection, seed, target=None) -> np.ndarray:
+    """The hierarchical coreset written out with plain `greedy_coreset` calls on arrays: the stream row
+    indices of the bank rows, in bank order."""
+    runs = shard_runs(counts, max_rows)
+    target = max(1, round(share * len(rows))) if target is None else target
+    if len(runs) == 1:
+        return greedy_coreset(rows, target, projection, seed)
+    parts = apportion(target, np.array([hi - lo for lo, hi in runs]))
+    picks = []
+    for index, ((lo, hi), part) in enumerate(zip(runs, parts, strict=True)):
+        if part:
+            start = shard_start(seed, index, hi - lo)
+            picks.append(lo + greedy_coreset(rows[lo:hi], int(part), projection, seed, start=start))
+    return np.concatenate(picks)
+
+
+def run_sharded(tmp_path, rows, counts, budget, share=0.1, projection=8, seed=3, target=None, split=0):
+    """A ShardedCoreset fed `rows` image by image (`counts`), its first `split` rows splittable."""
+    shards = ShardedCoreset(tmp_path, rows.shape[1], share, projection, seed, budget, engine.Timings())
+    if split:
+        shards.add(rows[:split])
+    at = split
+    for number, count in enumerate(counts):
+        shards.add(rows[at : at + count], f"image-{number}")
+        at += count
+    chosen = shards.finish(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # shards and picks are deleted as they go
+    return chosen
+
+
+def test_sharded_coreset_within_budget_is_one_greedy_pass(tmp_path):
+    rng = np.random.default_rng(4)
+    counts = rng.integers(20, 60, 30).tolist()
+    rows = rng.standard_normal((sum(counts), 24)).astype(np.float32)
+    chosen = run_sharded(tmp_path, rows, counts, budget=budget_for(len(rows), 8))
+    expected = greedy_coreset(rows, round(0.1 * len(rows)), 8, 3)
+    assert chosen.passes == 1
+    np.testing.assert_array_equal(chosen.source, expected)
+    np.testing.assert_array_equal(chosen.rows, rows[expected])
+
+
+@pytest.mark.parametrize("max_rows", [150, 400, 1000])
+def test_sharded_coreset_equals_the_reference_of_its_shards(tmp_path, max_rows):
+    rng = np.random.default_rng(5)
+    counts = rng.integers(20, 60, 40).tolist()  # ragged images, as with aspect or tile framing
+    rows = rng.standard_normal((sum(counts), 24)).astype(np.float32)
+    chosen = run_sharded(tmp_path, rows, counts, budget=budget_for(max_rows, 8))
+    expected = reference_coreset(rows, counts, max_rows, 0.1, 8, 3)
+    assert chosen.passes == len(shard_runs(counts, max_rows)) > 1
+    assert len(chosen.source) == round(0.1 * len(rows))  # the one-pass size
+    np.testing.assert_array_equal(chosen.source, expected)
+    np.testing.assert_array_equal(chosen.rows, rows[expected])
+
+
+def test_sharded_coreset_splits_rows_given_without_an_image(tmp_path):
+    """An update streams the old bank's rows first; they may be cut anywhere, its images may not."""
+    rng = np.random.default_rng(6)
+    counts = [40] * 10
+    rows = rng.standard_normal((330 + 400, 24)).astype(np.float32)
+    target = 150
+    chosen = run_sharded(
+        tmp_path, rows, counts, budget_for(100, 8), share=target / len(rows), target=target, split=330
+    )
+    expected = reference_coreset(rows, [1] * 330 + counts, 100, 0, 8, 3, target=target)
+    np.testing.assert_array_equal(chosen.source, expected)
+
+
+def test_sharded_coreset_keeping_everything_keeps_the_order(tmp_path):
+    rows = np.random.default_rng(7).standard_normal((300, 24)).astype(np.float32)
+    chosen = run_sharded(tmp_path, rows, [30] * 10, budget_for(100, 8), share=1.0)
+    assert chosen.passes == 4
+    np.testing.assert_array_equal(chosen.source, np.arange(300))
+
+
+def test_sharded_coreset_refuses_an_image_larger_than_one_pass(tmp_path):
+    shards = ShardedCoreset(tmp_path, 24, 0.1, 8, 3, budget_for(50, 8), engine.Timings())
+    with pytest.raises(ConfigError, match=r"too small for the coreset of one image's 64 patches \(a\.png\)"):
+        shards.add(np.zeros((64, 24), np.float32), "a.png")
+    with pytest.raises(
+        ConfigError, match=r"100 B is too small for the coreset of one patch; give at least 1\.6 KB"
+    ):
+        ShardedCoreset(tmp_path, 24, 0.1, 8, 3, 100, engine.Timings()).add(np.zeros((3, 24)))
+
+
+# --- the streamed fit ------------------------------------------------------------------------------------
+
+PATCHES = 64  # 64 px crop, stride 8: 8 x 8 patches per image
+WIDTH = 128  # distances on the 128-d projection of the 384-d tiny embeddings
+TWO_IMAGES = budget_for(2 * PATCHES, WIDTH)  # a coreset budget of two images per greedy pass
+
+
+@pytest.fixture(scope="module")
+def config():
+    return config_mod.build(**TINY_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def train(washer):
+    return list_images([washer / "train" / "good"])
+
+
+@pytest.fixture(scope="module")
+def ragged(tmp_path_factory):
+    """Six images of different shapes: with framing "aspect" their patch counts differ."""
+    folder = tmp_path_factory.mktemp("ragged")
+    rng = np.random.default_rng(8)
+    for number, size in enumerate([(96, 96), (150, 96), (96, 160), (200, 100), (120, 96), (96, 96)]):
+        pixels = rng.integers(90, 160, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{number}.png")
+    return list_images([folder])
+
+
+def training_patches(paths, config) -> engine.TrainingPatches:
+    """Every patch of `paths` in memory, embedded the way a fit embeds them: today's in-RAM fit."""
+    extractor = engine.Extractor(config)
+    batches = engine.embed_paths(paths, [extractor], engine.Timings(), engine._Silent(), 10**8)
+    return engine.TrainingPatches.collect(batches)
+
+
+def reference_fit(paths, config, max_rows: int):
+    """(bank rows, calibration record) of a fit, from in-memory patches and plain greedy passes."""
+    training = training_patches(paths, config)
+    counts = np.diff(training.offsets).tolist()
+    selected = reference_coreset(
+        training.rows, counts, max_rows, config.coreset, config.projection_dim, config.seed
+    )
+    bank = training.rows[selected]
+    source = training.image_of_row[selected]
+    scores, maps = engine.leave_one_out(training, bank, source, config, engine._Silent())
+    return bank, engine.calibrate(scores, maps, config), training
+
+
+def test_streamed_fit_within_its_budget_is_the_in_memory_fit(train, config, tmp_path):
+    """The one-pass path, bit for bit: the same greedy pass over the same rows, the same calibration."""
+    training = training_patches(train, config)
+    n_select = round(config.coreset * len(training.rows))
+    selected = greedy_coreset(training.rows, n_select, config.projection_dim, config.seed)
+    scores, maps = engine.leave_one_out(
+        training, training.rows[selected], training.image_of_row[selected], config, engine._Silent()
+    )
+    result = engine.fit(train, config, max_memory=2**30, work_dir=tmp_path)
+    assert result.coreset_passes == [1]
+    np.testing.assert_array_equal(result.bank.memory_bank, training.rows[selected])
+    assert result.bank.calibration == engine.calibrate(scores, maps, config)
+    np.testing.assert_array_equal(result.calibration_scores, scores)
+    assert result.bank.n_patches == len(training.rows) == 8 * PATCHES
+    assert result.bank.calibration_sample == engine.sample_record(scores, maps)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hierarchical_fit_equals_the_reference_of_its_shards(train, config, tmp_path):
+    result = engine.fit(train, config, max_memory=TWO_IMAGES, work_dir=tmp_path)
+    bank, calibration, _ = reference_fit(train, config, 2 * PATCHES)
+    assert result.coreset_passes == [4]
+    np.testing.assert_array_equal(result.bank.memory_bank, bank)
+    assert result.bank.memory_bank.shape[0] == round(config.coreset * 8 * PATCHES)
+    assert result.bank.calibration == calibration
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("budget", [None, 3 * 96], ids=["one-pass", "shards"])
+def test_streamed_fit_of_ragged_images_equals_the_reference(ragged, config, tmp_path, budget):
+    """Framing "aspect": images with 64 to 128 patches each, shards cut between images."""
+    config = dataclasses.replace(config, framing="aspect")
+    max_rows = 10**9 if budget is None else budget
+    result = engine.fit(
+        ragged, config, max_memory=budget_for(max_rows, WIDTH) if budget else None, work_dir=tmp_path
+    )
+    bank, calibration, training = reference_fit(ragged, config, max_rows)
+    assert len(set(np.diff(training.offsets).tolist())) > 3  # ragged indeed
+    assert result.coreset_passes == [len(shard_runs(np.diff(training.offsets).tolist(), max_rows))]
+    np.testing.assert_array_equal(result.bank.memory_bank, bank)
+    assert result.bank.calibration == calibration
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_removes_its_work_files_on_error(train, config, tmp_path, monkeypatch):
+    seen = []
+
+    def fail(*args, **kwargs):
+        seen.append(sorted(p.name for p in tmp_path.glob(".patchcore-work-*/*")))
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(coreset, "greedy_coreset", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.fit(train, config, max_memory=TWO_IMAGES, work_dir=tmp_path)
+    assert seen == [["calibration.npy", "picks.npy", "shard-0.npy"]]  # the first shard, being reduced
+    assert list(tmp_path.iterdir()) == []
+
+
+class _InterruptAfter:
+    """A progress sink that presses Ctrl-C once `count` images have been embedded."""
+
+    def __init__(self, count: int, folder: Path) -> None:
+        self.count, self.folder, self.stage, self.files = count, folder, "", []
+
+    def start(self, stage: str, total: int | None) -> None:
+        self.stage = stage
+
+    def advance(self, count: int = 1) -> None:
+        if self.stage == "features":
+            self.count -= count
+            if self.count <= 0:
+                self.files = sorted(p.name for p in self.folder.glob(".patchcore-work-*/*"))
+                raise KeyboardInterrupt
+
+
+def test_ctrl_c_in_the_middle_of_a_streamed_fit_leaves_no_work_files(train, config, tmp_path):
+    config = dataclasses.replace(config, batch_size=1)
+    progress = _InterruptAfter(5, tmp_path)  # two shards reduced, the third holding image 4
+    with pytest.raises(KeyboardInterrupt):
+        engine.fit(train, config, progress, max_memory=TWO_IMAGES, work_dir=tmp_path)
+    assert progress.files == ["calibration.npy", "picks.npy", "shard-2.npy"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_a_streamed_fit_from_the_cli_keeps_the_old_bank(washer, tmp_path, monkeypatch):
+    out = tmp_path / "bank.st"
+    good = washer / "train" / "good"
+    assert invoke("fit", good, "--out", out, *TINY_OPTIONS).exit_code == 0
+    before = out.read_bytes()
+    real, calls = coreset.greedy_coreset, []
+
+    def second_shard_interrupts(*args, **kwargs):
+        calls.append(sorted(p.name for p in tmp_path.glob(".patchcore-work-*/*")))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(coreset, "greedy_coreset", second_shard_interrupts)
+    result = invoke("fit", good, "--out", out, "--max-memory", TWO_IMAGES, *TINY_OPTIONS)
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert calls[1] == ["calibration.npy", "picks.npy", "shard-1.npy"]
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bank.st"]
+
+
+def test_work_dir_holds_the_work_files(washer, tmp_path, monkeypatch):
+    work, seen = tmp_path / "scratch", []
+    work.mkdir()
+    real = coreset.greedy_coreset
+
+    def look(*args, **kwargs):
+        seen.append(sorted(p.name for p in work.glob(".patchcore-work-*/*.npy")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(coreset, "greedy_coreset", look)
+    out = tmp_path / "bank.st"
+    result = invoke("fit", washer / "train" / "good", "--out", out, "--work-dir", work, *TINY_OPTIONS)
+    assert result.exit_code == 0, result.output
+    assert seen == [["calibration.npy", "picks.npy", "shard-0.npy"]]  # in --work-dir, not beside --out
+    assert list(work.iterdir()) == []
+    missing = invoke(
+        "fit", washer / "train" / "good", "--out", out, "--work-dir", tmp_path / "no", *TINY_OPTIONS
+    )
+    assert_refused(missing, 6, str(tmp_path / "no"), "cannot create a work folder")
+
+
+@pytest.mark.parametrize(
+    ("value", "fragments"),
+    [
+        ("lots", ["--max-memory", "cannot read 'lots'", "2GB"]),
+        ("0", ["--max-memory", "must be positive"]),
+        ("1KB", ["--max-memory 1.0 KB is too small", "one image's 64 patches", "000.png", "give at least"]),
+    ],
+)
+def test_bad_max_memory_is_exit_2(washer, tmp_path, value, fragments):
+    result = invoke(
+        "fit", washer / "train" / "good", "--out", tmp_path / "b.st", "--max-memory", value, *TINY_OPTIONS
+    )
+    assert_refused(result, 2, *fragments)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_budget_is_a_bounded_share_of_memory():
+    assert 0 < default_max_memory() <= MAX_MEMORY == 512 * 2**20
+
+
+def test_fit_reports_its_coreset_passes(washer, tmp_path):
+    good = washer / "train" / "good"
+    result = invoke(
+        "fit", good, "--out", tmp_path / "b.st", "--max-memory", TWO_IMAGES, *TINY_OPTIONS, "--json"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["coreset_passes"] == [4] and report["bank_rows"] == 51
+    table = invoke("fit", good, "--out", tmp_path / "b.st", "--max-memory", TWO_IMAGES, *TINY_OPTIONS)
+    assert "4 shards (--max-memory)" in table.stdout
+
+
+def test_benchmark_takes_the_budget(washer):
+    result = invoke(
+        "benchmark", "folder", "--good", washer / "test" / "good", "--train", washer / "train" / "good",
+        "--defect", washer / "test" / "hole", "--no-pixel-metrics", "--max-memory", TWO_IMAGES,
+        *TINY_OPTIONS, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["results"][0]["bank_rows"] == 51
