@@ -310,7 +310,20 @@ def fit(
     inputs: Annotated[
         list[str], typer.Argument(help="Folders, files or globs of GOOD images.", show_default=False)
     ],
-    out_path: Annotated[Path, typer.Option("--out", "-o", help="Bank file to write.")] = Path("bank.st"),
+    out_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Bank file to write. Default bank.st; with --update, the updated bank."
+        ),
+    ] = None,
+    update: Annotated[
+        Path | None,
+        typer.Option(
+            "--update",
+            help="Add the good images to this bank, with its own settings, and recalibrate its threshold.",
+            show_default=False,
+        ),
+    ] = None,
     max_memory: MaxMemoryOpt = None,
     work_dir: Annotated[
         Path | None,
@@ -346,28 +359,41 @@ def fit(
     max_pixels: MaxPixelsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fit a memory bank on good images and calibrate its threshold (from good images only)."""
+    """Fit a memory bank on good images and calibrate its threshold (from good images only).
+
+    With --update BANK, add good images (say, false alarms an operator confirmed) to a fitted bank.
+    """
     from patchcore_cli import bank as bank_io
     from patchcore_cli import config as config_mod
+    from patchcore_cli.config import FitConfig
     from patchcore_cli.data import list_images
     from patchcore_cli.device import resolve
     from patchcore_cli.engine import fit as run_fit
+    from patchcore_cli.engine import update as run_update
 
     budget = config_mod.parse_size(max_memory) if max_memory is not None else None
-    config = config_mod.build(config_file, preset=preset, backbone=backbone, **_fit_overrides(locals()))
-    resolve(config.device)  # a missing GPU fails now, before any image is read
+    overrides = _fit_overrides(locals())
+    if update is None:
+        config = config_mod.build(config_file, preset=preset, backbone=backbone, **overrides)
+        resolve(config.device)  # a missing GPU fails now, before any image is read
+    else:  # the bank's settings, with the options given only checked against them
+        options = config_mod.given(config_file, preset=preset, backbone=backbone, **overrides)
+        runtime = {key: options.pop(key, None) for key in FitConfig.RUNTIME}
+        bank = bank_io.load(update)
+    out_path = out_path or update or Path("bank.st")
     paths = list_images(inputs)
     bank_io.check_destination(out_path)  # a mistyped --out fails now, not after the whole fit
-    _warn_random(config.weights == "random")
+    _warn_random(config.weights == "random" if update is None else bank.weights_sha256 == "random")
+    limits = {
+        "max_pixels": _max_pixels(max_pixels),
+        "max_memory": budget,
+        "work_dir": work_dir or out_path.parent,
+    }
     with RichProgress(enabled=not as_json or err.is_terminal) as progress:
-        result = run_fit(
-            paths,
-            config,
-            progress=progress,
-            max_pixels=_max_pixels(max_pixels),
-            max_memory=budget,
-            work_dir=work_dir or out_path.parent,
-        )
+        if update is None:
+            result = run_fit(paths, config, progress=progress, **limits)
+        else:
+            result = run_update(bank, paths, str(update), options, progress, **limits, **runtime)
         with result.timings.stage("bank write"):
             bank_io.save(result.bank, out_path)
     from patchcore_cli import report

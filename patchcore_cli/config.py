@@ -258,8 +258,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return values
 
 
-def build(config_file: Path | None = None, preset: str | None = None, **overrides: Any) -> FitConfig:
-    """Defaults <- preset <- YAML file <- command-line overrides (None means "not given").
+def given(config_file: Path | None = None, preset: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """The settings a command names: preset <- YAML file <- command-line overrides (None means "not
+    given"), each typed and checked, without the defaults. `fit --update` compares them with a bank's.
 
     A preset named on the command line wins over one named in the YAML file (`preset: fast`).
     """
@@ -273,6 +274,12 @@ def build(config_file: Path | None = None, preset: str | None = None, **override
         values.update(PRESETS[chosen])
     values.update(file_values)
     values.update(from_mapping({k: v for k, v in overrides.items() if v is not None}, "command line"))
+    return values
+
+
+def build(config_file: Path | None = None, preset: str | None = None, **overrides: Any) -> FitConfig:
+    """Defaults <- preset <- YAML file <- command-line overrides (see `given`), validated as a whole."""
+    values = given(config_file, preset, **overrides)
     source = str(config_file) if config_file is not None else "options"
     return validate(FitConfig(**values), source)
 

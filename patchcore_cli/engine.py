@@ -640,6 +640,164 @@ def threshold_from_scores(
     }
 
 
+# --- update: new good images into a fitted bank ----------------------------------------------------
+
+
+def update(
+    bank: bank_io.Bank,
+    paths: Sequence[Path],
+    bank_path: str = "bank",
+    options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    max_pixels: int | None = None,
+    max_memory: int | None = None,
+    work_dir: Path | None = None,
+    **runtime: Any,
+) -> FitResult:
+    """Add good images to a fitted bank, without its original images (`fit --update`).
+
+    The new bank is the greedy coreset (paper Alg. 1; hierarchical past `max_memory`, see sharding.py) of
+    the bank's rows followed by the new images' patches, with the bank's own config, seed and projection.
+    Its size is the fit's rule applied to every patch the bank has now seen:
+    max(1, round(coreset * (n_patches + new patches))), at most the rows there are. Rows are copied, so an
+    old row that is kept is unchanged, bit for bit, and the result is deterministic.
+
+    The threshold is recalibrated by the bank's own rule (target FPR, or mean + k std) on a sample in which
+    old and new images count by their numbers, as they would in a refit's sample: of min(calibration_images,
+    all images) scores, the new images' share come from new images left out of the new bank one at a time
+    (`leave_one_out`), the rest are a seeded subset of the sample the bank stored. Old images cannot be
+    scored again, since their patches are gone; their scores are those measured against the old bank.
+
+    `options`: the model settings a user gave; one that differs from the bank's is a ConfigError, since an
+    update keeps the bank's settings. `runtime` (weights, batch_size, threads, index, device) set how it
+    runs. Work files go to a private folder under `work_dir`, removed however the update ends. With no
+    paths the bank is returned unchanged.
+    """
+    from patchcore_cli import device
+    from patchcore_cli.data import DEFAULT_MAX_PIXELS
+    from patchcore_cli.sharding import ShardedCoreset, default_max_memory, work_folder
+    from patchcore_cli.store import CHUNK_ROWS
+
+    progress = progress or _Silent()
+    if bank.members:
+        raise BankError(
+            f"{bank_path}: an ensemble bank ({bank.config.get('backbone')}) cannot be updated; refit it"
+        )
+    weights = runtime.pop("weights", None) or _stored_weights(bank)
+    runtime["device"] = device.resolve(runtime.get("device") or "auto")
+    config = _checked_config(bank.config, bank_path, weights=weights, **runtime)
+    _refuse_changes(config, options or {}, bank_path)
+    old_scores, old_maxima, n_patches = _stored_sample(bank, bank_path)
+    timings = Timings()
+    if not paths:
+        return FitResult(bank, timings, 0, 0, [], old_scores, old_maxima)
+    set_threads(config.threads, config.index)
+    with timings.stage("load backbone"):
+        extractor = Extractor(config)
+    _check_extractor(bank, config, extractor, bank_path)
+    n_old, n_new, old_rows = bank.n_train_images, len(paths), bank.memory_bank.shape[0]
+    k_old, k_new = _update_sample_sizes(len(old_scores), n_old, n_new, config.calibration_images)
+    budget = default_max_memory() if max_memory is None else max_memory
+    with work_folder(work_dir) as work:
+        with StoreWriter(work / "new.npy", extractor.dim) as writer:
+            new = stream_images(
+                paths,
+                extractor,
+                _Appender(writer, timings),
+                calibration_sample(n_new, k_new, config.seed),
+                work / "calibration.npy",
+                timings,
+                progress,
+                max_pixels or DEFAULT_MAX_PIXELS,
+            )
+            with timings.stage("store"):
+                added = writer.close()
+        rows = old_rows + added.rows
+        target = min(rows, max(1, round(config.coreset * (n_patches + added.rows))))
+        shards = ShardedCoreset(
+            work, extractor.dim, target / rows, config.projection_dim, config.seed, budget, timings
+        )
+        progress.start("coreset", None)
+        for lo in range(0, old_rows, CHUNK_ROWS):
+            shards.add(np.asarray(bank.memory_bank[lo : lo + CHUNK_ROWS]))
+        for image, (lo, hi) in enumerate(zip(new.offsets[:-1], new.offsets[1:], strict=True)):
+            with timings.stage("store"):
+                patches = added.read(int(lo), int(hi))
+            shards.add(patches, str(paths[image]))
+        chosen = shards.finish(target)
+        # Rows of the old bank come from none of the new images: -1 is never left out.
+        source_image = np.where(
+            chosen.source < old_rows, -1, new.images_of(np.maximum(chosen.source - old_rows, 0))
+        )
+        with timings.stage("calibrate"):
+            scores, maps = leave_one_out(new, chosen.rows, source_image, config, progress, count=k_new)
+            kept = calibration_sample(len(old_scores), k_old, config.seed)
+            fresh = sample_record(scores, maps)
+            pooled = np.concatenate([old_scores[kept], fresh["scores"]])
+            maxima = np.concatenate([old_maxima[kept], fresh["map_maxima"]])
+            if len(pooled) < 2:
+                raise InputError("fit --update: too few good images to calibrate a threshold (need 2)")
+            calibration = threshold_from_scores(pooled, maxima, config.target_fpr, config.threshold_sigma)
+    updated = bank_io.Bank(
+        memory_bank=chosen.rows,
+        config={**bank.config, "weights_file": extractor.loaded.weights_source if config.weights else None},
+        calibration=calibration,
+        weights_sha256=bank.weights_sha256,
+        n_train_images=n_old + n_new,
+        n_patches=n_patches + added.rows,
+        calibration_sample={"scores": pooled.tolist(), "map_maxima": maxima.tolist()},
+    )
+    return FitResult(updated, timings, n_new, added.rows, [extractor], pooled, maxima, [chosen.passes])
+
+
+class _Appender:
+    """A sink for `stream_images` that writes every image's patches to a store, in order."""
+
+    def __init__(self, writer: StoreWriter, timings: Timings) -> None:
+        self.writer, self.timings = writer, timings
+
+    def add(self, rows: np.ndarray, image: str | None = None) -> None:
+        with self.timings.stage("store"):
+            self.writer.append(rows)
+
+
+def _update_sample_sizes(stored: int, n_old: int, n_new: int, count: int) -> tuple[int, int]:
+    """(old scores kept, new images scored) of an update's calibration sample: min(count, n_old + n_new) in
+    all, split by the images' numbers, the old part at most the `stored` scores there are."""
+    total = min(count, n_old + n_new)
+    new = min(n_new, round(total * n_new / (n_old + n_new)))
+    return min(stored, total - new), new
+
+
+def _stored_sample(bank: bank_io.Bank, bank_path: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(scores, map maxima, n_patches) a bank stored for updates; BankError if it has none."""
+    sample = bank.calibration_sample
+    if sample is None or bank.n_patches is None:
+        raise BankError(
+            f"{bank_path}: this bank has no calibration sample or patch count to update from (fitted before "
+            "`fit --update` existed); refit it once with this version"
+        )
+    scores = np.asarray(sample["scores"], dtype=np.float64)
+    return scores, np.asarray(sample["map_maxima"], dtype=np.float64), int(bank.n_patches)
+
+
+def _refuse_changes(config: FitConfig, options: dict[str, Any], bank_path: str) -> None:
+    """ConfigError naming every given model setting that differs from the bank's `config`."""
+    from patchcore_cli.config import validate
+
+    given = {key: value for key, value in options.items() if key not in FitConfig.RUNTIME}
+    wanted = validate(replace(config, **given), "options").model_dict()
+    stored = config.model_dict()
+    changed = [
+        f"{key} {wanted[key]!r} (bank: {stored[key]!r})" for key in given if wanted[key] != stored[key]
+    ]
+    if changed:
+        raise ConfigError(
+            f"{bank_path}: --update keeps the bank's settings; drop the options that change them: "
+            + ", ".join(changed)
+        )
+
+
 # --- score -----------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from patchcore_cli import bank as bank_io
 from patchcore_cli import config as config_mod
 from patchcore_cli import coreset, engine
 from patchcore_cli.cli import app
@@ -29,7 +31,7 @@ from patchcore_cli.coreset import (
     working_set,
 )
 from patchcore_cli.data import list_images
-from patchcore_cli.errors import ConfigError
+from patchcore_cli.errors import BankError, ConfigError
 from patchcore_cli.sharding import MAX_MEMORY, ShardedCoreset, default_max_memory
 from patchcore_cli.store import ImageRows, Store, StoreWriter
 from tests.conftest import TINY_CONFIG, TINY_OPTIONS
@@ -474,7 +476,7 @@ def test_fit_reports_its_coreset_passes(washer, tmp_path):
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["coreset_passes"] == [4] and report["bank_rows"] == 51
+    assert report["coreset_passes"] == [4] and report["bank_rows"] == 51 and report["bank_images"] == 8
     table = invoke("fit", good, "--out", tmp_path / "b.st", "--max-memory", TWO_IMAGES, *TINY_OPTIONS)
     assert "4 shards (--max-memory)" in table.stdout
 
@@ -487,3 +489,213 @@ def test_benchmark_takes_the_budget(washer):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["results"][0]["bank_rows"] == 51
+
+
+# --- fit --update --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def halves(train):
+    return train[:4], train[4:]
+
+
+@pytest.fixture(scope="module")
+def old_bank(halves, config, tmp_path_factory):
+    path = tmp_path_factory.mktemp("update") / "old.st"
+    bank_io.save(engine.fit(halves[0], config).bank, path)
+    return path
+
+
+def reference_update(old: bank_io.Bank, paths, config, max_rows: int = 10**9):
+    """(bank rows, calibration record) of an update, from in-memory patches and plain greedy passes."""
+    new = training_patches(paths, config)
+    both = np.concatenate([old.memory_bank, new.rows])
+    old_rows = len(old.memory_bank)
+    target = round(config.coreset * (old.n_patches + len(new.rows)))
+    counts = [1] * old_rows + np.diff(new.offsets).tolist()  # old rows may be cut anywhere
+    selected = reference_coreset(both, counts, max_rows, 0, config.projection_dim, config.seed, target=target)
+    source = np.where(selected < old_rows, -1, new.image_of_row[np.maximum(selected - old_rows, 0)])
+    stored = old.calibration_sample
+    k_old, k_new = engine._update_sample_sizes(
+        len(stored["scores"]), old.n_train_images, len(paths), config.calibration_images
+    )
+    scores, maps = engine.leave_one_out(new, both[selected], source, config, engine._Silent(), count=k_new)
+    kept = engine.calibration_sample(len(stored["scores"]), k_old, config.seed)
+    fresh = engine.sample_record(scores, maps)
+    pooled = np.concatenate([np.array(stored["scores"])[kept], fresh["scores"]])
+    maxima = np.concatenate([np.array(stored["map_maxima"])[kept], fresh["map_maxima"]])
+    calibration = engine.threshold_from_scores(pooled, maxima, config.target_fpr, config.threshold_sigma)
+    return both[selected], calibration, selected
+
+
+def test_update_is_the_coreset_of_old_rows_and_new_patches(old_bank, halves, config, tmp_path):
+    old = bank_io.load(old_bank)
+    result = engine.update(old, halves[1], str(old_bank), work_dir=tmp_path)
+    rows, calibration, selected = reference_update(old, halves[1], config)
+    np.testing.assert_array_equal(result.bank.memory_bank, rows)
+    assert result.bank.calibration == calibration
+    assert result.bank.n_patches == old.n_patches + 4 * PATCHES == 8 * PATCHES
+    assert result.bank.n_train_images == 8 and result.n_images == 4
+    assert result.bank.memory_bank.shape[0] == round(config.coreset * 8 * PATCHES)  # a refit's size
+    assert result.bank.config == old.config and result.bank.weights_sha256 == old.weights_sha256
+    assert result.coreset_passes == [1]
+    # Old rows that survive are the old rows, bit for bit.
+    from_old = selected < len(old.memory_bank)
+    assert 0 < from_old.sum() < len(selected)
+    np.testing.assert_array_equal(result.bank.memory_bank[from_old], old.memory_bank[selected[from_old]])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hierarchical_update_equals_the_reference(old_bank, halves, config):
+    old = bank_io.load(old_bank)
+    result = engine.update(old, halves[1], str(old_bank), max_memory=TWO_IMAGES)
+    rows, calibration, _ = reference_update(old, halves[1], config, max_rows=2 * PATCHES)
+    assert result.coreset_passes[0] > 1
+    np.testing.assert_array_equal(result.bank.memory_bank, rows)
+    assert result.bank.calibration == calibration
+
+
+def test_update_recalibrates_by_the_banks_rule(old_bank, halves):
+    """Target FPR by default; a bank fitted with the sigma rule keeps it."""
+    old = bank_io.load(old_bank)
+    updated = engine.update(old, halves[1], str(old_bank)).bank.calibration
+    assert updated["target_fpr"] == 0.02 and updated["n_images"] == 8
+    sigma = dataclasses.replace(old, config={**old.config, "target_fpr": None})
+    record = engine.update(sigma, halves[1], str(old_bank)).bank.calibration
+    assert record["target_fpr"] is None and record["threshold_sigma"] == 3.0
+    assert record["image_threshold"] == pytest.approx(record["image_mean"] + 3.0 * record["image_std"])
+
+
+@pytest.mark.parametrize(
+    ("stored", "n_old", "n_new", "count", "expected"),
+    [
+        (4, 4, 4, 75, (4, 4)),  # everything fits the sample: every old score, every new image
+        (75, 200, 3, 75, (74, 1)),  # a few confirmed false alarms count by their number
+        (75, 200, 200, 75, (37, 38)),
+        (75, 200, 1, 75, (75, 0)),
+        (5, 200, 10, 75, (5, 4)),  # the bank stored fewer scores than its share: all of them
+    ],
+)
+def test_update_sample_counts_old_and_new_images_by_their_numbers(stored, n_old, n_new, count, expected):
+    assert engine._update_sample_sizes(stored, n_old, n_new, count) == expected
+
+
+def test_update_is_deterministic_and_without_images_the_identity(old_bank, halves):
+    old = bank_io.load(old_bank)
+    first = engine.update(old, halves[1], str(old_bank))
+    second = engine.update(bank_io.load(old_bank), halves[1], str(old_bank))
+    np.testing.assert_array_equal(first.bank.memory_bank, second.bank.memory_bank)
+    assert first.bank.calibration == second.bank.calibration
+    assert engine.update(old, [], str(old_bank)).bank is old
+
+
+def test_update_refuses_settings_that_contradict_the_bank(old_bank, halves):
+    old = bank_io.load(old_bank)
+    with pytest.raises(ConfigError, match=r"coreset 0\.2 \(bank: 0\.1\), crop 96 \(bank: 64\)"):
+        engine.update(old, halves[1], str(old_bank), options={"coreset": 0.2, "crop": 96, "seed": 42})
+    with pytest.raises(ConfigError, match=r"target_fpr 0\.05 \(bank: 0\.02\)"):
+        engine.update(old, halves[1], str(old_bank), options={"target_fpr": 0.05})
+    # Settings equal to the bank's, and run-time ones, are fine.
+    engine.update(old, [], str(old_bank), options={"backbone": "resnet18", "seed": 42, "batch_size": 3})
+
+
+def test_update_refuses_other_weights(old_bank, halves):
+    old = bank_io.load(old_bank)
+    other = dataclasses.replace(old, weights_sha256="0" * 64)
+    with pytest.raises(BankError, match="pass the same --weights"):
+        engine.update(other, halves[1], "other.st", weights="random")
+
+
+def test_update_refuses_a_bank_without_a_calibration_sample(old_bank):
+    old = bank_io.load(old_bank)
+    with pytest.raises(BankError, match="refit it once"):
+        engine.update(dataclasses.replace(old, calibration_sample=None), [], "old.st")
+    with pytest.raises(BankError, match="refit it once"):
+        engine.update(dataclasses.replace(old, n_patches=None), [], "old.st")
+
+
+def test_update_refuses_an_ensemble(old_bank, halves):
+    old = bank_io.load(old_bank)
+    ensemble = dataclasses.replace(
+        old, config={**old.config, "backbone": "resnet18+resnet50"}, members=[old, old]
+    )
+    with pytest.raises(BankError, match="ensemble bank"):
+        engine.update(ensemble, halves[1], "ens.st")
+
+
+def test_bank_keeps_its_patch_count_and_calibration_sample(old_bank, tmp_path):
+    old = bank_io.load(old_bank)
+    assert old.n_patches == 4 * PATCHES and len(old.calibration_sample["scores"]) == 4
+    for damage, problem in [
+        ({"n_patches": -25}, "bad n_patches '-25'"),
+        ({"calibration_sample": {"scores": [1.0, 2.0], "map_maxima": [1.0]}}, "bad calibration_sample"),
+        ({"calibration_sample": {"scores": [1.0, True], "map_maxima": [1, 2]}}, "bad calibration_sample"),
+        ({"calibration_sample": {"scores": [1.0, 10**400], "map_maxima": [1, 2]}}, "bad calibration_sample"),
+    ]:
+        bank_io.save(dataclasses.replace(old, **damage), tmp_path / "bad.st")
+        with pytest.raises(BankError, match=problem):
+            bank_io.load(tmp_path / "bad.st")
+
+
+def test_update_from_the_cli(old_bank, halves, tmp_path):
+    path = tmp_path / "bank.st"
+    shutil.copy(old_bank, path)
+    before = path.read_bytes()
+    refused = invoke("fit", "--update", path, *halves[1], "--coreset", "0.3")
+    assert_refused(refused, 2, str(path), "--update keeps the bank's settings", "coreset 0.3 (bank: 0.1)")
+    assert path.read_bytes() == before
+    result = invoke("fit", "--update", path, *halves[1], "--batch-size", "2", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["bank"] == str(path) and report["images"] == 4 and report["bank_images"] == 8
+    assert bank_io.load(path).n_train_images == 8
+    assert [p.name for p in tmp_path.iterdir()] == ["bank.st"]
+    table = invoke("fit", "--update", path, *halves[1][:1], "--out", tmp_path / "more.st")
+    assert table.exit_code == 0, table.output
+    assert "1 new, 9 in all" in table.stdout
+    assert bank_io.load(path).n_train_images == 8  # --out: the bank it started from is unchanged
+
+
+def test_operator_loop_a_confirmed_image_scores_lower_after_the_update(old_bank, washer, tmp_path):
+    """`score` flags an image, an operator confirms it is good, `fit --update` adds it."""
+    path = tmp_path / "bank.st"
+    shutil.copy(old_bank, path)
+    confirmed = washer / "test" / "scratch" / "000.png"
+
+    def score() -> float:
+        result = invoke("score", confirmed, "--bank", path, "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["results"][0]["score"]
+
+    before = score()
+    assert invoke("fit", "--update", path, confirmed).exit_code == 0
+    assert score() < before
+
+
+def test_ctrl_c_during_an_update_keeps_the_bank(old_bank, halves, tmp_path, monkeypatch):
+    path = tmp_path / "bank.st"
+    shutil.copy(old_bank, path)
+    before = path.read_bytes()
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "leave_one_out", interrupt)
+    result = invoke("fit", "--update", path, *halves[1])
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bank.st"]
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragments"),
+    [
+        (lambda p: None, ["bank file not found"]),
+        (lambda p: p.write_bytes(b"not a bank"), ["not a bank file"]),
+    ],
+    ids=["missing", "corrupt"],
+)
+def test_update_with_a_bad_bank_is_exit_4(halves, tmp_path, damage, fragments):
+    path = tmp_path / "bank.st"
+    damage(path)
+    assert_refused(invoke("fit", "--update", path, *halves[1]), 4, str(path), *fragments)
