@@ -590,7 +590,7 @@ def _benchmark_cell(
     from patchcore_cli.engine import set_threads
     from patchcore_cli.evaluation import benchmark_cell
 
-    set_threads(config.threads or cpus)
+    set_threads(config.threads or cpus, config.index)
     try:
         return benchmark_cell(
             split, label, config, pixel_metrics, None, max_pixels, profile, report_cases, max_memory
