@@ -595,6 +595,8 @@ def test_update_refuses_settings_that_contradict_the_bank(old_bank, halves):
         engine.update(old, halves[1], str(old_bank), options={"coreset": 0.2, "crop": 96, "seed": 42})
     with pytest.raises(ConfigError, match=r"target_fpr 0\.05 \(bank: 0\.02\)"):
         engine.update(old, halves[1], str(old_bank), options={"target_fpr": 0.05})
+    with pytest.raises(ConfigError, match=r"backbone 'resnet50' \(bank: 'resnet18'\)"):
+        engine.update(old, halves[1], str(old_bank), options={"backbone": "resnet50"})
     # Settings equal to the bank's, and run-time ones, are fine.
     engine.update(old, [], str(old_bank), options={"backbone": "resnet18", "seed": 42, "batch_size": 3})
 
