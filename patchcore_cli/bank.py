@@ -10,6 +10,9 @@ Layout (safetensors): one tensor `memory_bank` (float32, N x D) and these metada
 | config | JSON: the model config (backbone, layers, sizes, normalisation, coreset, seed, b, sigma, ...) |
 | weights_sha256 | sha256 of the backbone weights file, or "random" |
 | n_train_images | number of good images the bank was fitted on |
+| n_patches | optional: the patch embeddings the coreset chose from, over every fit and update |
+| calibration_sample | optional: JSON {"scores": [...], "map_maxima": [...]}, the leave-one-out scores |
+|   | and map maxima the threshold came from; `fit --update` pools them with new images' |
 | calibration | JSON: threshold and good-image statistics (see calibration.py) |
 | created | UTC creation time, ISO 8601 |
 | members | only in ensemble banks: JSON list, per backbone {config, calibration, weights_sha256} |
@@ -59,6 +62,10 @@ class Bank:
     created: str = ""
     members: list[Bank] = field(default_factory=list)
     """Ensemble banks only: one single-backbone bank per member; `memory_bank` is the first one's."""
+    n_patches: int | None = None
+    """Patch embeddings the coreset chose from; None in ensembles and in banks older than the key."""
+    calibration_sample: dict[str, list[float]] | None = None
+    """{"scores", "map_maxima"}: the calibration sample, which `fit --update` needs; None where absent."""
 
     @property
     def nbytes(self) -> int:
@@ -91,6 +98,10 @@ def save(bank: Bank, path: str | Path) -> None:
         "calibration": json.dumps(bank.calibration, sort_keys=True),
         "created": bank.created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if bank.n_patches is not None:
+        metadata["n_patches"] = str(bank.n_patches)
+    if bank.calibration_sample is not None:
+        metadata["calibration_sample"] = json.dumps(bank.calibration_sample, sort_keys=True)
     tensors = {TENSOR_NAME: np.ascontiguousarray(bank.memory_bank, dtype=np.float32)}
     if bank.members:
         metadata["members"] = json.dumps(
@@ -311,4 +322,39 @@ def load(path: str | Path) -> Bank:
         tool_version=meta.get("tool_version", ""),
         created=meta.get("created", ""),
         members=_members(path, meta, header, length, size, n_train),
+        n_patches=_n_patches(path, meta),
+        calibration_sample=_calibration_sample(path, meta),
     )
+
+
+def _n_patches(path: Path, meta: dict[str, str]) -> int | None:
+    if "n_patches" not in meta:
+        return None
+    text = meta["n_patches"]
+    if not (text.isascii() and text.isdigit()):
+        raise BankError(f"{path}: bad n_patches {text!r}")
+    return int(text)
+
+
+def _calibration_sample(path: Path, meta: dict[str, str]) -> dict[str, list[float]] | None:
+    """The stored calibration sample: two equally long lists of at least 2 finite numbers."""
+    if "calibration_sample" not in meta:
+        return None
+    sample = _json_field(path, meta, "calibration_sample")
+    scores, maxima = sample.get("scores"), sample.get("map_maxima")
+    if not (_finite_list(scores) and _finite_list(maxima) and len(scores) == len(maxima)):
+        raise BankError(f"{path}: bad calibration_sample (needs two equally long lists of finite numbers)")
+    return {"scores": [float(v) for v in scores], "map_maxima": [float(v) for v in maxima]}
+
+
+def _finite_list(values: Any) -> bool:
+    return isinstance(values, list) and len(values) >= 2 and all(_finite(v) for v in values)
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False

@@ -232,6 +232,15 @@ MaxPixelsOpt = Annotated[
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")
 ]
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        help="Memory budget of the coreset, such as 2GB or 500MB (powers of 1024); past it the coreset runs "
+        "in shards of images. Default: 1/16 of RAM, at most 512MB.",
+        show_default=False,
+    ),
+]
 RayOpt = Annotated[
     bool,
     typer.Option(
@@ -301,7 +310,29 @@ def fit(
     inputs: Annotated[
         list[str], typer.Argument(help="Folders, files or globs of GOOD images.", show_default=False)
     ],
-    out_path: Annotated[Path, typer.Option("--out", "-o", help="Bank file to write.")] = Path("bank.st"),
+    out_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Bank file to write. Default bank.st; with --update, the updated bank."
+        ),
+    ] = None,
+    update: Annotated[
+        Path | None,
+        typer.Option(
+            "--update",
+            help="Add the good images to this bank, with its own settings, and recalibrate its threshold.",
+            show_default=False,
+        ),
+    ] = None,
+    max_memory: MaxMemoryOpt = None,
+    work_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--work-dir",
+            help="Folder for the fit's temporary embedding files (default: beside --out).",
+            show_default=False,
+        ),
+    ] = None,
     backbone: BackboneOpt = None,
     weights: WeightsOpt = None,
     layers: LayersOpt = None,
@@ -328,20 +359,41 @@ def fit(
     max_pixels: MaxPixelsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fit a memory bank on good images and calibrate its threshold (from good images only)."""
+    """Fit a memory bank on good images and calibrate its threshold (from good images only).
+
+    With --update BANK, add good images (say, false alarms an operator confirmed) to a fitted bank.
+    """
     from patchcore_cli import bank as bank_io
     from patchcore_cli import config as config_mod
+    from patchcore_cli.config import FitConfig
     from patchcore_cli.data import list_images
     from patchcore_cli.device import resolve
     from patchcore_cli.engine import fit as run_fit
+    from patchcore_cli.engine import update as run_update
 
-    config = config_mod.build(config_file, preset=preset, backbone=backbone, **_fit_overrides(locals()))
-    resolve(config.device)  # a missing GPU fails now, before any image is read
+    budget = config_mod.parse_size(max_memory) if max_memory is not None else None
+    overrides = _fit_overrides(locals())
+    if update is None:
+        config = config_mod.build(config_file, preset=preset, backbone=backbone, **overrides)
+        resolve(config.device)  # a missing GPU fails now, before any image is read
+    else:  # the bank's settings, with the options given only checked against them
+        options = config_mod.given(config_file, preset=preset, backbone=backbone, **overrides)
+        runtime = {key: options.pop(key, None) for key in FitConfig.RUNTIME}
+        bank = bank_io.load(update)
+    out_path = out_path or update or Path("bank.st")
     paths = list_images(inputs)
     bank_io.check_destination(out_path)  # a mistyped --out fails now, not after the whole fit
-    _warn_random(config.weights == "random")
+    _warn_random(config.weights == "random" if update is None else bank.weights_sha256 == "random")
+    limits = {
+        "max_pixels": _max_pixels(max_pixels),
+        "max_memory": budget,
+        "work_dir": work_dir or out_path.parent,
+    }
     with RichProgress(enabled=not as_json or err.is_terminal) as progress:
-        result = run_fit(paths, config, progress=progress, max_pixels=_max_pixels(max_pixels))
+        if update is None:
+            result = run_fit(paths, config, progress=progress, **limits)
+        else:
+            result = run_update(bank, paths, str(update), options, progress, **limits, **runtime)
         with result.timings.stage("bank write"):
             bank_io.save(result.bank, out_path)
     from patchcore_cli import report
@@ -863,10 +915,14 @@ def _run_benchmark(
     profile: bool = False,
     report_dir: Path | None = None,
     ray_options: Any = None,
+    max_memory: str | None = None,
 ) -> None:
     from patchcore_cli import html_report, report
+    from patchcore_cli.config import parse_size
     from patchcore_cli.device import resolve
     from patchcore_cli.evaluation import benchmark as run_benchmark
+
+    budget = parse_size(max_memory) if max_memory is not None else None
 
     for _, config in rows:
         resolve(config.device)  # a missing GPU fails now, not after the first row
@@ -887,11 +943,28 @@ def _run_benchmark(
             from patchcore_cli import distributed
 
             results = distributed.benchmark(
-                splits, rows, ray_options, pixel, progress, announce, _max_pixels(max_pixels), profile, cases
+                splits,
+                rows,
+                ray_options,
+                pixel,
+                progress,
+                announce,
+                _max_pixels(max_pixels),
+                profile,
+                cases,
+                max_memory=budget,
             )
         else:
             results = run_benchmark(
-                splits, rows, pixel, progress, announce, _max_pixels(max_pixels), profile, cases
+                splits,
+                rows,
+                pixel,
+                progress,
+                announce,
+                _max_pixels(max_pixels),
+                profile,
+                cases,
+                max_memory=budget,
             )
     data = {"columns": columns, "results": [r.as_dict() for r in results]}
     if report_dir is not None:
@@ -981,6 +1054,7 @@ def benchmark_mvtec(
     as_json: JsonOpt = False,
     profile: ProfileOpt = False,
     max_pixels: MaxPixelsOpt = None,
+    max_memory: MaxMemoryOpt = None,
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
     ray_cpus: RayCpusOpt = None,
@@ -1020,7 +1094,17 @@ def benchmark_mvtec(
     columns = list(MVTEC_CATEGORIES) + extra
     pixel = not no_pixel_metrics
     _run_benchmark(
-        splits, rows, columns, pixel, out_dir, as_json, max_pixels, profile, report_dir, ray_options
+        splits,
+        rows,
+        columns,
+        pixel,
+        out_dir,
+        as_json,
+        max_pixels,
+        profile,
+        report_dir,
+        ray_options,
+        max_memory,
     )
 
 
@@ -1070,6 +1154,7 @@ def benchmark_folder(
     as_json: JsonOpt = False,
     profile: ProfileOpt = False,
     max_pixels: MaxPixelsOpt = None,
+    max_memory: MaxMemoryOpt = None,
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
     ray_cpus: RayCpusOpt = None,
@@ -1091,7 +1176,17 @@ def benchmark_folder(
     rows = _row_configs(backbone, config_files, _fit_overrides(locals()), presets)
     pixel = not no_pixel_metrics
     _run_benchmark(
-        [split], rows, [name], pixel, out_dir, as_json, max_pixels, profile, report_dir, ray_options
+        [split],
+        rows,
+        [name],
+        pixel,
+        out_dir,
+        as_json,
+        max_pixels,
+        profile,
+        report_dir,
+        ray_options,
+        max_memory,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -257,8 +258,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return values
 
 
-def build(config_file: Path | None = None, preset: str | None = None, **overrides: Any) -> FitConfig:
-    """Defaults <- preset <- YAML file <- command-line overrides (None means "not given").
+def given(config_file: Path | None = None, preset: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """The settings a command names: preset <- YAML file <- command-line overrides (None means "not
+    given"), each typed and checked, without the defaults. `fit --update` compares them with a bank's.
 
     A preset named on the command line wins over one named in the YAML file (`preset: fast`).
     """
@@ -272,8 +274,29 @@ def build(config_file: Path | None = None, preset: str | None = None, **override
         values.update(PRESETS[chosen])
     values.update(file_values)
     values.update(from_mapping({k: v for k, v in overrides.items() if v is not None}, "command line"))
+    return values
+
+
+def build(config_file: Path | None = None, preset: str | None = None, **overrides: Any) -> FitConfig:
+    """Defaults <- preset <- YAML file <- command-line overrides (see `given`), validated as a whole."""
+    values = given(config_file, preset, **overrides)
     source = str(config_file) if config_file is not None else "options"
     return validate(FitConfig(**values), source)
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b)?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str, option: str = "--max-memory") -> int:
+    """'2GB', '500MB', '1.5G', '800MiB', '65536' -> bytes, in powers of 1024; ConfigError otherwise."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ConfigError(f"{option}: cannot read {text!r} as a size; give one such as 2GB or 500MB")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size < 1:
+        raise ConfigError(f"{option}: the size must be positive, got {text!r}")
+    return size
 
 
 # Fields added after format v1 shipped, with the value every older bank was fitted with.

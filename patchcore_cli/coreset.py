@@ -26,6 +26,9 @@ about 2.2 ms on two shared cores (batches of about 180 picks), against 8.3 ms fo
 
 from __future__ import annotations
 
+import math
+from typing import Protocol
+
 import numba
 import numpy as np
 
@@ -59,14 +62,37 @@ _BATCH = 256
 _PASS_ROWS = 2048
 
 
-def random_projection(features: np.ndarray, dim: int, seed: int) -> np.ndarray:
+class RowSource(Protocol):
+    """N x D rows read in contiguous slices (`source[lo:hi]` -> ndarray), such as a `store.Store` on disk.
+    A numpy array is one."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    @property
+    def ndim(self) -> int: ...
+
+    def __getitem__(self, key: slice) -> np.ndarray: ...
+
+
+def _rows(features: object) -> np.ndarray | RowSource:
+    # A row source (an array, a store) is read a slice at a time; anything else (lists) becomes an array.
+    if all(hasattr(features, name) for name in ("shape", "dtype", "ndim", "__getitem__")):
+        return features  # type: ignore[return-value]
+    return np.asarray(features)
+
+
+def random_projection(features: np.ndarray | RowSource, dim: int, seed: int) -> np.ndarray:
     """Project N x D features to N x dim float32 with a seeded Gaussian matrix (paper §3.2).
 
     The matrix is D x dim, drawn from `np.random.default_rng(seed).standard_normal` and scaled by
     1/sqrt(dim) so that distances are preserved in expectation. Rows are projected in chunks, so a
-    float16 input is never copied whole to float32.
+    float16 input is never copied whole to float32, and a row source on disk is read a chunk at a time.
     """
-    features = np.asarray(features)
+    features = _rows(features)
     n, d = features.shape
     rng = np.random.default_rng(seed)
     matrix = rng.standard_normal((d, dim), dtype=np.float32) / np.float32(np.sqrt(dim))
@@ -78,7 +104,7 @@ def random_projection(features: np.ndarray, dim: int, seed: int) -> np.ndarray:
 
 
 def greedy_coreset(
-    features: np.ndarray,
+    features: np.ndarray | RowSource,
     n_select: int,
     projection_dim: int | None = 128,
     seed: int = 0,
@@ -86,15 +112,20 @@ def greedy_coreset(
 ) -> np.ndarray:
     """Pick `n_select` rows of `features` by greedy k-center (paper §3.2, Algorithm 1).
 
-    features: N x D float array (float16/float32/float64). Distances are Euclidean on
-    `random_projection(features, projection_dim, seed)`, or on the features themselves when
+    features: N x D float array (float16/float32/float64), or a row source such as a `store.Store`, read a
+    chunk at a time so that only the points distances are taken on are held in memory. Distances are
+    Euclidean on `random_projection(features, projection_dim, seed)`, or on the features themselves when
     `projection_dim` is None or D <= projection_dim.
     start: the first pick; by default `int(np.random.default_rng(seed).integers(N))`.
     Each further pick is the unselected row farthest from its nearest selected row; ties go to the lowest
     index, and once every remaining row coincides with a selected one the lowest unselected indices follow.
-    Returns n_select unique int64 row indices in selection order. Memory is O(N * d').
+    Returns n_select unique int64 row indices in selection order. Memory is O(N * d'), at most
+    `working_set(N, n_select, d')` bytes.
+
+    The order does not depend on n_select: the first k picks of a larger selection are the selection of k
+    with the same start. A hierarchical fit relies on this to trim a shard's picks once it knows its share.
     """
-    features = np.asarray(features)
+    features = _rows(features)
     _check_arguments(features, n_select, projection_dim, start)
     n, d = features.shape
     if start is None:
@@ -102,7 +133,9 @@ def greedy_coreset(
     if projection_dim is not None and d > projection_dim:
         points = random_projection(features, projection_dim, seed)
     else:
-        points = np.array(features, dtype=np.float32, order="C")  # a copy: the search reorders its rows
+        points = np.empty((n, d), dtype=np.float32)  # a copy: the search reorders its rows
+        for lo in range(0, n, _CHUNK_ROWS):
+            points[lo : lo + _CHUNK_ROWS] = features[lo : lo + _CHUNK_ROWS]
     if not np.isfinite(points).all():
         raise ValueError("features are too large: converting or projecting them to float32 overflows")
     sketch, tolerance = _sketch(points)
@@ -137,8 +170,67 @@ def covering_radius(features: np.ndarray, selected: np.ndarray) -> float:
     return float(np.sqrt(max(worst, 0.0)))
 
 
+# --- the working set of one greedy pass, and shares of a hierarchical coreset --------------------------
+#
+# One greedy pass holds every input row's point and sketch, so its memory grows with its rows. A fit whose
+# patches need more than its budget takes the coreset in shards (see sharding.py): each shard's greedy
+# coreset keeps the shard's share of the bank, and their picks together are the bank.
+
+# Bytes of one greedy pass per input row, besides 4 per coordinate of its point: the sketch (4 *
+# _SKETCH_DIM), the pool of cluster members (3 entries of 16 + 4 * _SKETCH_DIM), index and distance arrays,
+# and the transient arrays of the start (sorting, float64 distances, compaction). Per pick: the center's
+# point and sketch and a dozen per-cluster numbers. Measured with ru_maxrss on EfficientNet-Lite0 patches
+# on the earlier engine (docs/scale.md); the estimate is kept above the measurement.
+_ROW_BYTES = 1300
+_PICK_BYTES = 4 * _SKETCH_DIM + 160
+
+
+def working_set(rows: int, picks: int, width: int) -> int:
+    """Estimated peak bytes of `greedy_coreset` choosing `picks` of `rows` rows, distances taken on `width`
+    coordinates (the projection dimension, or the feature dimension when that is smaller)."""
+    return rows * (4 * width + _ROW_BYTES) + picks * (4 * width + _PICK_BYTES)
+
+
+def max_rows_for(budget: int, width: int) -> int:
+    """The most rows one greedy pass may take within `budget` bytes, even if it kept all of them."""
+    return max(0, int(budget) // (8 * width + _ROW_BYTES + _PICK_BYTES))
+
+
+def budget_for(rows: int, width: int) -> int:
+    """The smallest budget for which `max_rows_for` allows `rows` rows."""
+    return rows * (8 * width + _ROW_BYTES + _PICK_BYTES)
+
+
+def apportion(total: int, sizes: np.ndarray) -> np.ndarray:
+    """Split `total` in proportion to `sizes` (ints): floors, then one more for the largest remainders, ties
+    to the lower index (Hamilton's method). The parts sum to `total`; each is the floor or the ceiling of
+    its exact share, so none exceeds its size when total <= sum(sizes)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    whole = int(sizes.sum())
+    scaled = int(total) * sizes
+    parts, remainders = scaled // whole, scaled % whole
+    extra = int(total) - int(parts.sum())
+    order = np.lexsort((np.arange(len(sizes)), -remainders))
+    parts[order[:extra]] += 1
+    return parts
+
+
+def provisional_keep(rows: int, share: float) -> int:
+    """Picks to take from a shard of `rows` rows before the bank's size is known: ceil(share * rows) + 1, at
+    most rows. That covers the shard's part (`apportion`) of any bank of at most share * total + 1/2 rows
+    (or of one row), a part of at most ceil(share * rows + 1/2); `greedy_coreset`'s prefix property trims
+    the picks to it later."""
+    return min(rows, math.ceil(share * rows) + 1)
+
+
+def shard_start(seed: int, index: int, rows: int) -> int:
+    """The first pick of shard `index` (of `rows` rows) of a hierarchical coreset, drawn from (seed, index)
+    so that each shard's pass depends on nothing but its rows and its place."""
+    return int(np.random.default_rng([seed, index]).integers(rows))
+
+
 def _check_arguments(
-    features: np.ndarray, n_select: int, projection_dim: int | None, start: int | None
+    features: np.ndarray | RowSource, n_select: int, projection_dim: int | None, start: int | None
 ) -> None:
     if features.ndim != 2:
         raise ValueError(f"features must be a 2-D array (N x D), got shape {features.shape}")

@@ -583,6 +583,7 @@ def _benchmark_cell(
     profile: bool,
     cpus: int,
     report_cases: int | None = None,
+    max_memory: int | None = None,
 ) -> BenchmarkRow | PatchcoreError:
     """A Ray task: one benchmark cell, with torch on this task's CPUs unless the config sets threads.
     A patchcore error (an unreadable training image...) is returned for the driver to raise."""
@@ -591,7 +592,9 @@ def _benchmark_cell(
 
     set_threads(config.threads or cpus, config.index)
     try:
-        return benchmark_cell(split, label, config, pixel_metrics, None, max_pixels, profile, report_cases)
+        return benchmark_cell(
+            split, label, config, pixel_metrics, None, max_pixels, profile, report_cases, max_memory
+        )
     except PatchcoreError as exc:  # returned, not raised: Ray would wrap it in pages of traceback
         return exc
 
@@ -606,6 +609,7 @@ def benchmark(
     max_pixels: int | None = None,
     profile: bool = False,
     report_cases: int | None = None,
+    max_memory: int | None = None,
 ) -> list[BenchmarkRow]:
     """`evaluation.benchmark` with one Ray task per (configuration, split) cell. Rows come back in the
     local order; `on_row` is called as each cell finishes."""
@@ -620,7 +624,7 @@ def benchmark(
         cell = ray.remote(_benchmark_cell).options(num_cpus=cpus)
         limit = max_pixels or DEFAULT_MAX_PIXELS
         refs = [
-            cell.remote(split, label, config, pixel_metrics, limit, profile, cpus, report_cases)
+            cell.remote(split, label, config, pixel_metrics, limit, profile, cpus, report_cases, max_memory)
             for label, config in configs
             for split in splits
         ]

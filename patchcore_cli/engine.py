@@ -24,6 +24,7 @@ from patchcore_cli.config import FitConfig
 from patchcore_cli.errors import BankError, ConfigError, ImageError, InputError
 from patchcore_cli.features import embedding_dim
 from patchcore_cli.geometry import Framing, Geometry
+from patchcore_cli.store import ImageRows, StoreWriter
 
 if TYPE_CHECKING:
     from patchcore_cli.data import ImageBytes
@@ -261,6 +262,8 @@ class FitResult:
     """C leave-one-out image scores of good training images (NaN where skipped): the threshold's sample."""
     calibration_map_maxima: np.ndarray
     """C maxima of the same images' anomaly maps: the pixel threshold's sample."""
+    coreset_passes: list[int] = field(default_factory=list)
+    """Greedy passes of each backbone's coreset: 1, or the shards of a hierarchical coreset."""
 
     @property
     def extractor(self) -> Extractor:
@@ -278,6 +281,7 @@ class _MemberFit:
     n_patches: int
     loo_scores: np.ndarray  # C image scores of the calibration images, NaN where one was skipped
     loo_maps: list[np.ndarray]  # the anomaly maps of the same images (each in its image's map frame)
+    passes: int  # greedy passes of the coreset
 
 
 def fit(
@@ -285,8 +289,16 @@ def fit(
     config: FitConfig,
     progress: Progress | None = None,
     max_pixels: int | None = None,
+    max_memory: int | None = None,
+    work_dir: Path | None = None,
 ) -> FitResult:
     """Fit a bank on good images: embed, coreset-subsample (paper Alg. 1), calibrate on good images.
+
+    The patch embeddings stream to work files in a private folder under `work_dir` (default: the system's
+    temporary folder), removed on success, error and Ctrl-C; only the calibration sample's patches are read
+    back. The coreset's greedy pass stays within `max_memory` bytes (default:
+    `sharding.default_max_memory()`); past it the coreset is hierarchical, one pass per shard of images
+    (see sharding.py). Within the budget the bank is the one-pass bank, bit for bit.
 
     An ensemble config (`backbone: a+b`, paper §4.4) fits one bank per backbone. Their scores are
     combined after normalising each by the mean and std of its own leave-one-out scores on good images,
@@ -295,6 +307,7 @@ def fit(
     from patchcore_cli import device
     from patchcore_cli.config import members
     from patchcore_cli.data import DEFAULT_MAX_PIXELS
+    from patchcore_cli.sharding import default_max_memory
 
     config = replace(config, device=device.resolve(config.device))  # a missing GPU fails before any work
     progress = progress or _Silent()
@@ -307,7 +320,10 @@ def fit(
     timings = Timings()
     set_threads(config.threads, config.index)
     limit = max_pixels or DEFAULT_MAX_PIXELS
-    parts = [_fit_member(paths, member, timings, progress, limit) for member in members(config)]
+    budget = default_max_memory() if max_memory is None else max_memory
+    parts = [
+        _fit_member(paths, member, timings, progress, limit, budget, work_dir) for member in members(config)
+    ]
     if len(parts) == 1:
         bank, scores, maps = parts[0].bank, parts[0].loo_scores, parts[0].loo_maps
     else:
@@ -328,7 +344,8 @@ def fit(
     extractors = [p.extractor for p in parts]
     maxima = np.array([float(amap.max()) for amap in maps])
     n_patches = sum(p.n_patches for p in parts)
-    return FitResult(bank, timings, len(paths), n_patches, extractors, scores, maxima)
+    passes = [p.passes for p in parts]
+    return FitResult(bank, timings, len(paths), n_patches, extractors, scores, maxima, passes)
 
 
 @dataclass(frozen=True)
@@ -386,55 +403,147 @@ class TrainingPatches:
         return self.rows[self.offsets[index] : self.offsets[index + 1]]
 
 
+class TrainingImages(Protocol):
+    """What calibration reads of the training images: every image's geometry and view grids, and the
+    patches (P_i x D) of the images it leaves out. `TrainingPatches` and `StreamedTraining` are ones."""
+
+    geometries: list[Geometry]
+    grids: list[list[tuple[int, int]]]
+
+    def image(self, index: int) -> np.ndarray: ...
+
+
+@dataclass
+class StreamedTraining:
+    """The training images of a streamed fit: each image's geometry, view grids and row range (small, kept
+    in memory), and the patches of the calibration sample only, read back from a store on disk."""
+
+    offsets: np.ndarray  # n_images + 1: image i owned rows offsets[i] .. offsets[i + 1] - 1 of the stream
+    grids: list[list[tuple[int, int]]]
+    geometries: list[Geometry]
+    sample: ImageRows  # the patches of the images calibration leaves out
+
+    def image(self, index: int) -> np.ndarray:
+        return self.sample[index]
+
+    def images_of(self, rows: np.ndarray) -> np.ndarray:
+        """Stream row indices -> the index of the image each came from."""
+        return np.searchsorted(self.offsets, rows, side="right") - 1
+
+
+class _Sink(Protocol):
+    def add(self, rows: np.ndarray, image: str | None = None) -> None: ...
+
+
+def stream_images(
+    paths: Sequence[Path],
+    extractor: Extractor,
+    sink: _Sink,
+    sample: np.ndarray,
+    sample_path: Path,
+    timings: Timings,
+    progress: Progress,
+    max_pixels: int,
+) -> StreamedTraining:
+    """Embed images and hand each image's patches (P_i x D) to `sink`, in order, keeping in memory only
+    what calibration needs besides patches: geometries, grids and row ranges. The patches of the images in
+    `sample` (sorted indices) also go to a store at `sample_path`, from which calibration reads them."""
+    wanted = set(sample.tolist())
+    grids: list[list[tuple[int, int]]] = []
+    geometries: list[Geometry] = []
+    counts: list[int] = []
+    with StoreWriter(sample_path, extractor.dim) as writer:
+        progress.start("features", len(paths))
+        for decoded, (patches,) in embed_paths(paths, [extractor], timings, progress, max_pixels):
+            for item, image in zip([d for d in decoded if d.geometry is not None], patches, strict=True):
+                if len(geometries) in wanted:
+                    with timings.stage("store"):
+                        writer.append(image.rows)
+                sink.add(image.rows, str(item.path))
+                grids.append(image.grids)
+                geometries.append(item.geometry)
+                counts.append(len(image.rows))
+        with timings.stage("store"):
+            store = writer.close()
+    rows = ImageRows(store, sample, [counts[i] for i in sample])
+    return StreamedTraining(np.concatenate([[0], np.cumsum(counts)]), grids, geometries, rows)
+
+
 def _fit_member(
-    paths: Sequence[Path], config: FitConfig, timings: Timings, progress: Progress, max_pixels: int
+    paths: Sequence[Path],
+    config: FitConfig,
+    timings: Timings,
+    progress: Progress,
+    max_pixels: int,
+    budget: int,
+    work_dir: Path | None,
 ) -> _MemberFit:
-    from patchcore_cli.coreset import greedy_coreset
+    from patchcore_cli.sharding import ShardedCoreset, work_folder
 
     with timings.stage("load backbone"):
         extractor = Extractor(config)
-    progress.start("features", len(paths))
-    training = TrainingPatches.collect(embed_paths(paths, [extractor], timings, progress, max_pixels))
-    flat = training.rows  # N x D
-
-    n_select = max(1, round(config.coreset * flat.shape[0]))
-    progress.start("coreset", None)
-    with timings.stage("coreset"):
-        if n_select >= flat.shape[0]:
-            selected = np.arange(flat.shape[0])
-        else:
-            selected = greedy_coreset(flat, n_select, projection_dim=config.projection_dim, seed=config.seed)
-    memory_bank = np.ascontiguousarray(flat[selected])
-    source_image = training.image_of_row[selected]
-
-    with timings.stage("calibrate"):
-        scores, maps = leave_one_out(training, memory_bank, source_image, config, progress)
-        calibration = calibrate(scores, maps, config)
+    sample = calibration_sample(len(paths), config.calibration_images, config.seed)
+    with work_folder(work_dir) as work:
+        shards = ShardedCoreset(
+            work, extractor.dim, config.coreset, config.projection_dim, config.seed, budget, timings
+        )
+        training = stream_images(
+            paths, extractor, shards, sample, work / "calibration.npy", timings, progress, max_pixels
+        )
+        progress.start("coreset", None)
+        chosen = shards.finish()
+        with timings.stage("calibrate"):
+            source_image = training.images_of(chosen.source)
+            scores, maps = leave_one_out(training, chosen.rows, source_image, config, progress)
+            calibration = calibrate(scores, maps, config)
+    n_patches = int(training.offsets[-1])
     bank = bank_io.Bank(
-        memory_bank=memory_bank,
+        memory_bank=chosen.rows,
         config={
             **config.model_dict(),
-            "embedding_dim": int(flat.shape[1]),
+            "embedding_dim": int(chosen.rows.shape[1]),
             "weights_file": extractor.loaded.weights_source if config.weights else None,
         },
         calibration=calibration,
         weights_sha256=extractor.loaded.weights_sha256,
         n_train_images=len(training.geometries),
+        n_patches=n_patches,
+        calibration_sample=sample_record(scores, maps),
     )
-    return _MemberFit(bank, extractor, int(flat.shape[0]), scores, maps)
+    return _MemberFit(bank, extractor, n_patches, scores, maps, chosen.passes)
+
+
+def calibration_sample(n_images: int, count: int, seed: int) -> np.ndarray:
+    """The training images calibration leaves out in turn: a seeded sample of up to `count` of the
+    `n_images`, as sorted indices."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.permutation(n_images)[: min(n_images, count)])
+
+
+def sample_record(scores: np.ndarray, maps: Sequence[np.ndarray]) -> dict[str, list[float]]:
+    """The calibration sample a bank keeps for `fit --update`: the leave-one-out scores of the images that
+    got one, and their maps' maxima."""
+    valid = np.isfinite(scores)
+    return {
+        "scores": [float(score) for score in scores[valid]],
+        "map_maxima": [float(amap.max()) for amap, ok in zip(maps, valid, strict=True) if ok],
+    }
 
 
 def leave_one_out(
-    training: TrainingPatches,
+    training: TrainingImages,
     memory_bank: np.ndarray,
     source_image: np.ndarray,
     config: FitConfig,
     progress: Progress,
+    count: int | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Scores and maps of good training images, each against the bank with its own patches removed.
 
     That is how a new good image meets the bank, so these are honest good-image statistics without
-    holding images back from the bank. A seeded sample of up to `calibration_images` images is used.
+    holding images back from the bank. A seeded sample of up to `count` images is used
+    (`calibration_sample`; default `calibration_images`); `training` need only hold their patches.
+    source_image: M, the image each bank row came from (-1: from none of these images).
     The exact index is built once and each image's queries skip its own rows; the approximate indexes
     cannot skip rows, so they are rebuilt without them per image.
     Returns (C scores, C maps); an image that supplied the whole bank gets NaN and an all-zero map.
@@ -444,8 +553,7 @@ def leave_one_out(
 
     device = resolve(config.device)
     n_images = len(training.geometries)
-    rng = np.random.default_rng(config.seed)
-    chosen = np.sort(rng.permutation(n_images)[: min(n_images, config.calibration_images)])
+    chosen = calibration_sample(n_images, config.calibration_images if count is None else count, config.seed)
     progress.start("calibration", len(chosen))
     scores = np.full(len(chosen), np.nan)
     maps: list[np.ndarray] = []
@@ -532,6 +640,164 @@ def threshold_from_scores(
     }
 
 
+# --- update: new good images into a fitted bank ----------------------------------------------------
+
+
+def update(
+    bank: bank_io.Bank,
+    paths: Sequence[Path],
+    bank_path: str = "bank",
+    options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    max_pixels: int | None = None,
+    max_memory: int | None = None,
+    work_dir: Path | None = None,
+    **runtime: Any,
+) -> FitResult:
+    """Add good images to a fitted bank, without its original images (`fit --update`).
+
+    The new bank is the greedy coreset (paper Alg. 1; hierarchical past `max_memory`, see sharding.py) of
+    the bank's rows followed by the new images' patches, with the bank's own config, seed and projection.
+    Its size is the fit's rule applied to every patch the bank has now seen:
+    max(1, round(coreset * (n_patches + new patches))), at most the rows there are. Rows are copied, so an
+    old row that is kept is unchanged, bit for bit, and the result is deterministic.
+
+    The threshold is recalibrated by the bank's own rule (target FPR, or mean + k std) on a sample in which
+    old and new images count by their numbers, as they would in a refit's sample: of min(calibration_images,
+    all images) scores, the new images' share come from new images left out of the new bank one at a time
+    (`leave_one_out`), the rest are a seeded subset of the sample the bank stored. Old images cannot be
+    scored again, since their patches are gone; their scores are those measured against the old bank.
+
+    `options`: the model settings a user gave; one that differs from the bank's is a ConfigError, since an
+    update keeps the bank's settings. `runtime` (weights, batch_size, threads, index, device) set how it
+    runs. Work files go to a private folder under `work_dir`, removed however the update ends. With no
+    paths the bank is returned unchanged.
+    """
+    from patchcore_cli import device
+    from patchcore_cli.data import DEFAULT_MAX_PIXELS
+    from patchcore_cli.sharding import ShardedCoreset, default_max_memory, work_folder
+    from patchcore_cli.store import CHUNK_ROWS
+
+    progress = progress or _Silent()
+    if bank.members:
+        raise BankError(
+            f"{bank_path}: an ensemble bank ({bank.config.get('backbone')}) cannot be updated; refit it"
+        )
+    weights = runtime.pop("weights", None) or _stored_weights(bank)
+    runtime["device"] = device.resolve(runtime.get("device") or "auto")
+    config = _checked_config(bank.config, bank_path, weights=weights, **runtime)
+    _refuse_changes(config, options or {}, bank_path)
+    old_scores, old_maxima, n_patches = _stored_sample(bank, bank_path)
+    timings = Timings()
+    if not paths:
+        return FitResult(bank, timings, 0, 0, [], old_scores, old_maxima)
+    set_threads(config.threads, config.index)
+    with timings.stage("load backbone"):
+        extractor = Extractor(config)
+    _check_extractor(bank, config, extractor, bank_path)
+    n_old, n_new, old_rows = bank.n_train_images, len(paths), bank.memory_bank.shape[0]
+    k_old, k_new = _update_sample_sizes(len(old_scores), n_old, n_new, config.calibration_images)
+    budget = default_max_memory() if max_memory is None else max_memory
+    with work_folder(work_dir) as work:
+        with StoreWriter(work / "new.npy", extractor.dim) as writer:
+            new = stream_images(
+                paths,
+                extractor,
+                _Appender(writer, timings),
+                calibration_sample(n_new, k_new, config.seed),
+                work / "calibration.npy",
+                timings,
+                progress,
+                max_pixels or DEFAULT_MAX_PIXELS,
+            )
+            with timings.stage("store"):
+                added = writer.close()
+        rows = old_rows + added.rows
+        target = min(rows, max(1, round(config.coreset * (n_patches + added.rows))))
+        shards = ShardedCoreset(
+            work, extractor.dim, target / rows, config.projection_dim, config.seed, budget, timings
+        )
+        progress.start("coreset", None)
+        for lo in range(0, old_rows, CHUNK_ROWS):
+            shards.add(np.asarray(bank.memory_bank[lo : lo + CHUNK_ROWS]))
+        for image, (lo, hi) in enumerate(zip(new.offsets[:-1], new.offsets[1:], strict=True)):
+            with timings.stage("store"):
+                patches = added.read(int(lo), int(hi))
+            shards.add(patches, str(paths[image]))
+        chosen = shards.finish(target)
+        # Rows of the old bank come from none of the new images: -1 is never left out.
+        source_image = np.where(
+            chosen.source < old_rows, -1, new.images_of(np.maximum(chosen.source - old_rows, 0))
+        )
+        with timings.stage("calibrate"):
+            scores, maps = leave_one_out(new, chosen.rows, source_image, config, progress, count=k_new)
+            kept = calibration_sample(len(old_scores), k_old, config.seed)
+            fresh = sample_record(scores, maps)
+            pooled = np.concatenate([old_scores[kept], fresh["scores"]])
+            maxima = np.concatenate([old_maxima[kept], fresh["map_maxima"]])
+            if len(pooled) < 2:
+                raise InputError("fit --update: too few good images to calibrate a threshold (need 2)")
+            calibration = threshold_from_scores(pooled, maxima, config.target_fpr, config.threshold_sigma)
+    updated = bank_io.Bank(
+        memory_bank=chosen.rows,
+        config={**bank.config, "weights_file": extractor.loaded.weights_source if config.weights else None},
+        calibration=calibration,
+        weights_sha256=bank.weights_sha256,
+        n_train_images=n_old + n_new,
+        n_patches=n_patches + added.rows,
+        calibration_sample={"scores": pooled.tolist(), "map_maxima": maxima.tolist()},
+    )
+    return FitResult(updated, timings, n_new, added.rows, [extractor], pooled, maxima, [chosen.passes])
+
+
+class _Appender:
+    """A sink for `stream_images` that writes every image's patches to a store, in order."""
+
+    def __init__(self, writer: StoreWriter, timings: Timings) -> None:
+        self.writer, self.timings = writer, timings
+
+    def add(self, rows: np.ndarray, image: str | None = None) -> None:
+        with self.timings.stage("store"):
+            self.writer.append(rows)
+
+
+def _update_sample_sizes(stored: int, n_old: int, n_new: int, count: int) -> tuple[int, int]:
+    """(old scores kept, new images scored) of an update's calibration sample: min(count, n_old + n_new) in
+    all, split by the images' numbers, the old part at most the `stored` scores there are."""
+    total = min(count, n_old + n_new)
+    new = min(n_new, round(total * n_new / (n_old + n_new)))
+    return min(stored, total - new), new
+
+
+def _stored_sample(bank: bank_io.Bank, bank_path: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(scores, map maxima, n_patches) a bank stored for updates; BankError if it has none."""
+    sample = bank.calibration_sample
+    if sample is None or bank.n_patches is None:
+        raise BankError(
+            f"{bank_path}: this bank has no calibration sample or patch count to update from (fitted before "
+            "`fit --update` existed); refit it once with this version"
+        )
+    scores = np.asarray(sample["scores"], dtype=np.float64)
+    return scores, np.asarray(sample["map_maxima"], dtype=np.float64), int(bank.n_patches)
+
+
+def _refuse_changes(config: FitConfig, options: dict[str, Any], bank_path: str) -> None:
+    """ConfigError naming every given model setting that differs from the bank's `config`."""
+    from patchcore_cli.config import validate
+
+    given = {key: value for key, value in options.items() if key not in FitConfig.RUNTIME}
+    wanted = validate(replace(config, **given), "options").model_dict()
+    stored = config.model_dict()
+    changed = [
+        f"{key} {wanted[key]!r} (bank: {stored[key]!r})" for key in given if wanted[key] != stored[key]
+    ]
+    if changed:
+        raise ConfigError(
+            f"{bank_path}: --update keeps the bank's settings; drop the options that change them: "
+            + ", ".join(changed)
+        )
+
+
 # --- score -----------------------------------------------------------------------------------------
 
 
@@ -582,6 +848,21 @@ def _checked_config(stored: dict[str, Any], bank_path: str, **runtime: Any) -> F
     return validate(from_bank(model.model_dict(), **runtime), "options")
 
 
+def _check_extractor(bank: bank_io.Bank, config: FitConfig, extractor: Extractor, bank_path: str) -> None:
+    """BankError unless `extractor` computes the features `bank` was fitted on: same weights, same width."""
+    if extractor.loaded.weights_sha256 != bank.weights_sha256:
+        raise BankError(
+            f"{bank_path}: was fitted with {config.backbone} weights sha256 {bank.weights_sha256[:12]}, "
+            f"but the weights found now hash to {extractor.loaded.weights_sha256[:12]}; "
+            "pass the same --weights"
+        )
+    if bank.memory_bank.shape[1] != extractor.dim:
+        raise BankError(
+            f"{bank_path}: feature dimension {bank.memory_bank.shape[1]} does not match backbone "
+            f"{config.backbone} with layers {'+'.join(config.layers)} (dim {extractor.dim})"
+        )
+
+
 class _Part:
     """One backbone of a bank, ready to score: its extractor, its search index and its good statistics."""
 
@@ -590,17 +871,7 @@ class _Part:
     ):
         from patchcore_cli.scoring import NearestNeighbours
 
-        if extractor.loaded.weights_sha256 != bank.weights_sha256:
-            raise BankError(
-                f"{bank_path}: was fitted with {config.backbone} weights sha256 {bank.weights_sha256[:12]}, "
-                f"but the weights found now hash to {extractor.loaded.weights_sha256[:12]}; "
-                "pass the same --weights"
-            )
-        if bank.memory_bank.shape[1] != extractor.dim:
-            raise BankError(
-                f"{bank_path}: feature dimension {bank.memory_bank.shape[1]} does not match backbone "
-                f"{config.backbone} with layers {'+'.join(config.layers)} (dim {extractor.dim})"
-            )
+        _check_extractor(bank, config, extractor, bank_path)
         self.config = config
         self.extractor = extractor
         self.search = NearestNeighbours(bank.memory_bank, config.index, device=config.device)

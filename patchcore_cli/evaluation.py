@@ -318,15 +318,16 @@ def benchmark(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     profile: bool = False,
     report_cases: int | None = None,
+    max_memory: int | None = None,
 ) -> list[BenchmarkRow]:
-    """For each configuration and split: fit on `split.train`, evaluate on `split.test` (see `evaluate`
-    for `report_cases`)."""
+    """For each configuration and split: fit on `split.train` (coreset within `max_memory` bytes, see
+    engine.fit), evaluate on `split.test` (see `evaluate` for `report_cases`)."""
     progress = progress or _Silent()
     rows = []
     for label, config in configs:
         for split in splits:
             row = benchmark_cell(
-                split, label, config, pixel_metrics, progress, max_pixels, profile, report_cases
+                split, label, config, pixel_metrics, progress, max_pixels, profile, report_cases, max_memory
             )
             rows.append(row)
             if on_row is not None:
@@ -343,11 +344,13 @@ def benchmark_cell(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     profile: bool = False,
     report_cases: int | None = None,
+    max_memory: int | None = None,
 ) -> BenchmarkRow:
-    """One cell of the benchmark: fit `config` on `split.train`, evaluate on `split.test`. A Ray worker
-    runs exactly this for `benchmark --ray`. `report_cases`: see `evaluate`."""
+    """One cell of the benchmark: fit `config` on `split.train` (coreset within `max_memory` bytes),
+    evaluate on `split.test`. A Ray worker runs exactly this for `benchmark --ray`. `report_cases`: see
+    `evaluate`."""
     progress = progress or _Silent()
-    fitted = fit(split.train, config, progress=progress, max_pixels=max_pixels)
+    fitted = fit(split.train, config, progress=progress, max_pixels=max_pixels, max_memory=max_memory)
     bank = fitted.bank
     if profile:  # time the bank's round trip through a file, as fit and score would do it
         bank = bank_round_trip(bank, fitted.timings)

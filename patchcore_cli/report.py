@@ -77,8 +77,14 @@ def fit_table(result: FitResult, out: Path) -> Table:
     table.add_column("value")
     table.add_row("backbone", f"{bank.config['backbone']} ({'+'.join(bank.config['layers'])})")
     table.add_row("device", result.extractor.device)
-    table.add_row("images", str(result.n_images))
+    added = bank.n_train_images != result.n_images  # fit --update: the bank had images before
+    table.add_row(
+        "images", f"{result.n_images} new, {bank.n_train_images} in all" if added else str(result.n_images)
+    )
     table.add_row("patches", f"{result.n_patches:,}")
+    if any(passes > 1 for passes in result.coreset_passes):  # say so only when it was hierarchical
+        passes = [f"{n} shards" if n > 1 else "one pass" for n in result.coreset_passes]
+        table.add_row("coreset", " + ".join(passes) + " (--max-memory)")
     table.add_row(
         "bank",
         " + ".join(f"{p.memory_bank.shape[0]:,} x {p.memory_bank.shape[1]}" for p in bank.parts)
@@ -101,7 +107,9 @@ def fit_json(result: FitResult, out: Path) -> dict[str, Any]:
     return {
         "bank": str(out),
         "images": result.n_images,
+        "bank_images": bank.n_train_images,
         "patches": result.n_patches,
+        "coreset_passes": result.coreset_passes,
         "bank_rows": bank.rows,
         "bank_dim": int(bank.memory_bank.shape[1]),
         "bank_mb": round(bank.nbytes / 1e6, 3),
