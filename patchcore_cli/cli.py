@@ -180,7 +180,12 @@ TileOverlapOpt = Annotated[
     ),
 ]
 CropOpt = Annotated[
-    int | None, typer.Option("--crop", help="Side of the square the backbone sees; default 224.")
+    str | None,
+    typer.Option(
+        "--crop",
+        help="Side of the square the backbone sees, or auto (default): 320 when the training images' "
+        "median shorter side reaches it, else 224, so small images are not enlarged.",
+    ),
 ]
 PatchSizeOpt = Annotated[
     int | None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -16,12 +16,14 @@ from patchcore_cli.geometry import FRAMINGS
 
 PRECISIONS = ("fp32", "bf16")
 INDEXES = ("exact", "faiss", "hnsw")  # see scoring.NearestNeighbours
+AUTO_CROP = 0  # `crop: auto`: chosen at fit time from the training images' size (`resolve_crop`)
+CROP_STEPS = (224, 320, 448)  # the sides `crop: auto` chooses from (each measured, docs/benchmarks.md)
 # Bundles of options chosen from measurements (README, "Benchmark results"). CLI and YAML override them.
 # Each pins what was measured, so a later change of defaults does not change a preset.
 _MEASURED = {"backbone": "efficientnet_lite0", "framing": "whole", "stage_weighting": "none"}
 PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {**_MEASURED, "coreset": 0.01},
-    "accurate": {**_MEASURED, "stage_weighting": "equal"},
+    "fast": {**_MEASURED, "crop": 224, "coreset": 0.01},
+    "accurate": {**_MEASURED, "crop": AUTO_CROP, "max_crop": 448},
 }
 MAX_IMAGE_SIZE = 4096  # a bank or config asking for more is refused before any image is resized
 MAX_TILE_SIZE = 65536
@@ -38,7 +40,11 @@ class FitConfig:
     layers: tuple[str, ...] = ("layer2", "layer3")
     framing: str = "whole"  # the whole image resized to crop x crop; "crop": paper §4.1
     image_size: int = 256  # framing "crop" (paper §4.1): resize the shorter side to 256 ...
-    crop: int = 224  # ... and centre-crop to 224. The side (shorter side, "aspect") the backbone sees
+    # ... and centre-crop to 224. The side (shorter side, "aspect") the backbone sees. AUTO_CROP (the
+    # default): with framing whole or aspect, the largest of CROP_STEPS up to `max_crop` that the training
+    # images' median shorter side reaches, so small images are never enlarged; else 224. Banks store the side.
+    crop: int = AUTO_CROP
+    max_crop: int = 320
     tile_size: int = 0  # framing "tile": the side of a tile in original pixels (required there)
     tile_overlap: float = 0.25  # framing "tile": the least overlap of neighbouring tiles, as a fraction
     dim: int = 1024  # reference implementation's target embedding dimension
@@ -63,11 +69,13 @@ class FitConfig:
 
     # Options that change how fast a bank is made, not what it contains.
     RUNTIME = ("weights", "batch_size", "threads", "index", "device")
+    # Options that only decide how a stored field is chosen at fit time (the bank holds the crop chosen).
+    FIT_ONLY = ("max_crop",)
 
     def model_dict(self) -> dict[str, Any]:
         """The fields stored in a bank's `config` metadata."""
         data = dataclasses.asdict(self)
-        for key in self.RUNTIME:
+        for key in self.RUNTIME + self.FIT_ONLY:
             data.pop(key)
         data["layers"] = list(self.layers)
         return data
@@ -86,6 +94,7 @@ _INT_FIELDS = {
     "calibration_images",
     "batch_size",
     "threads",
+    "max_crop",
 }
 _FLOAT_FIELDS = {"coreset", "sigma", "threshold_sigma", "tile_overlap", "target_fpr"}
 _STR_FIELDS = {
@@ -103,6 +112,13 @@ _STR_FIELDS = {
 def _coerce(key: str, value: Any, source: str) -> Any:
     if value is None and key in ("weights", "threads", "target_fpr"):
         return None
+    if key == "crop" and isinstance(value, str):  # `--crop auto`, `--crop 320`, `crop: auto`
+        text = value.strip().lower()
+        if text == "auto":
+            return AUTO_CROP
+        if not text.isdigit():
+            raise ConfigError(f"{source}: 'crop' must be auto or a side in pixels, got {value!r}")
+        return int(text)
     if key == "layers":
         if isinstance(value, str):
             value = [part.strip() for part in value.replace("+", ",").split(",") if part.strip()]
@@ -122,10 +138,32 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     return value
 
 
+def resolve_crop(config: FitConfig, shorter_sides: Sequence[int]) -> FitConfig:
+    """`crop: auto` -> the side for these training images (their shorter sides, in pixels); a config with a
+    crop already set comes back unchanged.
+
+    More pixels per defect is what finds small defects (docs/benchmarks.md), but enlarging an image adds
+    none: it only shows the backbone its texture at another scale, which cost Magnetic Tile and the
+    synthetic textures image AUROC at 320. So auto takes the largest of CROP_STEPS, up to `max_crop`, that
+    the median shorter side reaches, and 224 when none does. Framings crop and tile keep 224: there the
+    side is the paper's centre crop or a tile's resize target.
+    """
+    if config.crop != AUTO_CROP:
+        return config
+    side = CROP_STEPS[0]
+    if config.framing in ("whole", "aspect") and len(shorter_sides):
+        median = sorted(shorter_sides)[len(shorter_sides) // 2]
+        side = max(
+            step for step in CROP_STEPS if step <= max(median, CROP_STEPS[0]) and step <= config.max_crop
+        )
+    return dataclasses.replace(config, crop=side)
+
+
 def validate(config: FitConfig, source: str = "config") -> FitConfig:
     """Check values that each field alone can't express; returns the config unchanged."""
     from patchcore_cli import backbones
 
+    centre_crop = config.crop or CROP_STEPS[0]  # what `crop: auto` becomes with framing crop
     checks = [
         (0.0 < config.coreset <= 1.0, f"coreset must be in (0, 1], got {config.coreset}"),
         (
@@ -133,12 +171,16 @@ def validate(config: FitConfig, source: str = "config") -> FitConfig:
             f"image_size must be between 32 and {MAX_IMAGE_SIZE}, got {config.image_size}",
         ),
         (
-            32 <= config.crop <= MAX_IMAGE_SIZE,
-            f"crop must be between 32 and {MAX_IMAGE_SIZE}, got {config.crop}",
+            config.crop == AUTO_CROP or 32 <= config.crop <= MAX_IMAGE_SIZE,
+            f"crop must be auto or between 32 and {MAX_IMAGE_SIZE}, got {config.crop}",
         ),
         (
-            config.framing != "crop" or config.crop <= config.image_size,
-            f"crop must be between 32 and image_size ({config.image_size}), got {config.crop}",
+            CROP_STEPS[0] <= config.max_crop <= MAX_IMAGE_SIZE,
+            f"max_crop must be between {CROP_STEPS[0]} and {MAX_IMAGE_SIZE}, got {config.max_crop}",
+        ),
+        (
+            config.framing != "crop" or centre_crop <= config.image_size,
+            f"crop must be between 32 and image_size ({config.image_size}), got {centre_crop}",
         ),
         (config.dim >= 1, f"dim must be positive, got {config.dim}"),
         (config.projection_dim >= 1, f"projection_dim must be positive, got {config.projection_dim}"),
@@ -315,5 +357,7 @@ def from_bank(stored: Mapping[str, Any], **runtime: Any) -> FitConfig:
     # Banks written before a field existed were made with the behaviour it now names.
     known = {**_BEFORE_FIELD, **{k: v for k, v in stored.items() if k in _FIELDS}}
     values = from_mapping(known, "bank config")
+    if values.get("crop", AUTO_CROP) == AUTO_CROP:  # fit stores the side it chose; a bank never says auto
+        raise ConfigError("bank config: 'crop' must be the side the bank was fitted at, got none or auto")
     values.update({k: v for k, v in runtime.items() if v is not None})
     return FitConfig(**values)

@@ -20,7 +20,7 @@ import numpy as np
 
 from patchcore_cli import bank as bank_io
 from patchcore_cli.calibration import sigma_threshold, stored_promise, target_fpr_threshold
-from patchcore_cli.config import FitConfig
+from patchcore_cli.config import FitConfig, resolve_crop
 from patchcore_cli.errors import BankError, ConfigError, ImageError, InputError
 from patchcore_cli.features import embedding_dim
 from patchcore_cli.geometry import Framing, Geometry
@@ -108,6 +108,25 @@ def _decode(path: Path | ImageBytes, framing: Framing, max_pixels: int) -> Decod
         return Decoded(name, None, None, exc)
     geometry = framing.frame(image.size)
     return Decoded(name, framing.render(image, geometry), geometry, None)
+
+
+def shorter_sides(paths: Sequence[Path | ImageBytes], sample: int = 256) -> list[int]:
+    """The shorter side in pixels of up to `sample` of the images, evenly spaced, read from their headers
+    only (`crop: auto`). Files that cannot be opened are left out here; decoding reports them."""
+    import io
+
+    from PIL import Image
+
+    step = max(1, len(paths) // sample)
+    sides = []
+    for item in list(paths)[::step][:sample]:
+        try:
+            source = item if isinstance(item, Path | str) else io.BytesIO(item.data)
+            with Image.open(source) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return sides
 
 
 def _source(path: Path | str | ImageBytes) -> Path | ImageBytes:
@@ -317,6 +336,7 @@ def fit(
             f"fit needs at least {MIN_FIT_IMAGES} good images (calibration leaves one out), "
             f"got {len(paths)}{given}"
         )
+    config = resolve_crop(config, shorter_sides(paths))
     timings = Timings()
     set_threads(config.threads, config.index)
     limit = max_pixels or DEFAULT_MAX_PIXELS

@@ -15,7 +15,7 @@ def test_defaults_follow_the_paper_but_inspect_the_whole_image():
     assert (config.framing, config.stage_weighting) == ("whole", "none")
     assert (config.image_size, config.crop, config.coreset, config.num_neighbors, config.sigma) == (
         256,
-        224,
+        config_mod.AUTO_CROP,
         0.1,
         9,
         4.0,
@@ -31,13 +31,14 @@ def test_preset_then_yaml_then_command_line(tmp_path):
     assert config_mod.build(yaml_file).backbone == "efficientnet_lite0"
     assert config_mod.build(yaml_file, coreset=0.2).coreset == 0.2
     accurate = config_mod.build(yaml_file, preset="accurate")
-    assert (accurate.backbone, accurate.framing, accurate.stage_weighting, accurate.coreset) == (
+    assert (accurate.backbone, accurate.framing, accurate.max_crop, accurate.coreset) == (
         "efficientnet_lite0",
         "whole",
-        "equal",
+        448,
         0.05,
     )
-    assert config_mod.build(preset="accurate", stage_weighting="none").stage_weighting == "none"
+    assert config_mod.build(preset="accurate", stage_weighting="equal").stage_weighting == "equal"
+    assert config_mod.build(preset="fast").crop == 224  # fast keeps the old default's speed
 
 
 def test_unknown_preset():
@@ -64,7 +65,7 @@ def test_ensemble_members_share_everything_but_the_backbone():
         ({"stage_weighting": "pca"}, "stage_weighting must be one of equal, none"),
         ({"patch_size": 4}, "patch_size must be a positive odd number, got 4"),
         ({"num_neighbors": 0}, "num_neighbors must be at least 1"),
-        ({"framing": "whole", "crop": 5000}, "crop must be between 32 and 4096, got 5000"),
+        ({"framing": "whole", "crop": 5000}, "crop must be auto or between 32 and 4096, got 5000"),
         ({"framing": "crop", "image_size": 200}, r"crop must be between 32 and image_size \(200\)"),
     ],
 )
@@ -86,3 +87,46 @@ def test_every_benchmark_config_is_valid():
     for path in configs:
         config = config_mod.build(path)
         assert config.backbone.startswith(("efficientnet_lite", "wide_resnet50_2")), path
+
+
+@pytest.mark.parametrize(
+    ("sides", "options", "expected"),
+    [
+        ([900] * 5, {}, 320),  # MVTec AD's 700-1024 px parts
+        ([512, 512, 512], {}, 320),
+        ([512, 512, 512], {"max_crop": 448}, 448),
+        ([900], {"max_crop": 448}, 448),
+        ([319, 400, 100], {}, 224),  # the median, 319, does not reach 320: never enlarged
+        ([256] * 4, {"max_crop": 448}, 224),
+        ([100, 150], {}, 224),  # smaller than every step: the smallest
+        ([], {}, 224),
+        ([900], {"framing": "aspect"}, 320),
+        ([900], {"framing": "crop"}, 224),  # the paper's centre crop stays 224 of 256
+        ([900], {"framing": "tile", "tile_size": 300}, 224),
+        ([900], {"crop": 288}, 288),  # a side given is kept
+        ([100], {"crop": 448}, 448),
+    ],
+)
+def test_auto_crop_takes_the_largest_step_the_images_reach(sides, options, expected):
+    config = config_mod.build(**options)
+    assert config_mod.resolve_crop(config, sides).crop == expected
+
+
+def test_crop_reads_auto_and_sides_from_options_and_yaml(tmp_path):
+    assert config_mod.build(crop="auto").crop == config_mod.AUTO_CROP
+    assert config_mod.build(crop="320").crop == 320
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("crop: auto\nmax_crop: 448\n")
+    assert (config_mod.build(yaml_file).crop, config_mod.build(yaml_file).max_crop) == (0, 448)
+    with pytest.raises(ConfigError, match="'crop' must be auto or a side in pixels, got 'big'"):
+        config_mod.build(crop="big")
+    with pytest.raises(ConfigError, match="max_crop must be between 224"):
+        config_mod.build(max_crop=100)
+
+
+def test_a_bank_holds_the_side_it_was_fitted_at():
+    stored = config_mod.build().model_dict()
+    assert "max_crop" not in stored  # how the side was chosen is not part of the model
+    with pytest.raises(ConfigError, match="'crop' must be the side the bank was fitted at"):
+        config_mod.from_bank(stored)
+    assert config_mod.from_bank({**stored, "crop": 320}).crop == 320

@@ -243,3 +243,29 @@ def test_fit_with_three_layers_and_random_reduction(washer):
     assert fitted.n_patches == 8 * 16 * 16  # layer1 has stride 4: 16 x 16 patches at a 64 px crop
     result = Scorer(fitted.bank).score_paths(list_images([washer / "test" / "hole"]), keep_maps=True)[0]
     assert result.anomaly_map.shape == (64, 64)
+
+
+@pytest.mark.slow
+def test_auto_crop_follows_the_training_images_and_the_bank_keeps_the_side(tmp_path):
+    from patchcore_cli.data import ImageBytes
+    from patchcore_cli.engine import shorter_sides
+
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(400, 330), (330, 360), (500, 340), (90, 120)]):
+        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    paths = sorted(tmp_path.glob("*.png"))
+    assert shorter_sides(paths) == [330, 330, 340, 90]  # the unreadable file is decoding's to report
+    data = ImageBytes("mem://0.png", (tmp_path / "0.png").read_bytes())
+    assert shorter_sides([data]) == [330]
+    good = paths[:4]
+    options = {k: v for k, v in TINY_CONFIG.items() if k != "crop"}
+    config = config_mod.build(**options, crop="auto", coreset=0.05, calibration_images=4)
+    fitted = fit(good, config)
+    assert fitted.bank.config["crop"] == 320  # median shorter side 340 reaches 320, not 448
+    assert "max_crop" not in fitted.bank.config
+    scorer = Scorer(fitted.bank)
+    assert scorer.config.crop == 320
+    small = config_mod.build(**options, crop="auto", coreset=0.05, max_crop=448)
+    assert config_mod.resolve_crop(small, shorter_sides(good)).crop == 320
