@@ -76,6 +76,7 @@ def fit_table(result: FitResult, out: Path) -> Table:
     table.add_column("field", style="bold")
     table.add_column("value")
     table.add_row("backbone", f"{bank.config['backbone']} ({'+'.join(bank.config['layers'])})")
+    table.add_row("input", input_text(bank.config))
     table.add_row("device", result.extractor.device)
     added = bank.n_train_images != result.n_images  # fit --update: the bank had images before
     table.add_row(
@@ -100,6 +101,18 @@ def fit_table(result: FitResult, out: Path) -> Table:
     )
     table.add_row("promised FPR", escape(f"{promise_text(stored_promise(cal))} on good images"))
     return table
+
+
+def input_text(config: dict[str, Any]) -> str:
+    """What the backbone sees, in words: the framing and the side `crop: auto` or the user chose."""
+    side, framing = config["crop"], config.get("framing", "crop")
+    if framing == "whole":
+        return f"whole image to {side} x {side} px"
+    if framing == "aspect":
+        return f"shorter side to {side} px, aspect kept"
+    if framing == "tile":
+        return f"tiles of {config.get('tile_size')} px, each to {side} x {side} px"
+    return f"shorter side to {config.get('image_size')} px, centre {side} x {side} px"
 
 
 def fit_json(result: FitResult, out: Path) -> dict[str, Any]:

@@ -53,6 +53,8 @@ def test_fit_table_lists_stages_and_threshold(washer, tmp_path):
         "threshold",
     ):
         assert field in result.stdout
+    # TINY_OPTIONS: --framing whole (the default), --crop 64; the row says what the backbone saw
+    assert "whole image to 64 x 64 px" in result.stdout
 
 
 def test_score_json_is_valid_and_complete(bank, washer):
