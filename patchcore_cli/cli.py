@@ -242,7 +242,7 @@ MaxMemoryOpt = Annotated[
     typer.Option(
         "--max-memory",
         help="Memory budget of the coreset, such as 2GB or 500MB (powers of 1024); past it the coreset runs "
-        "in shards of images. Default: 1/16 of RAM, at most 512MB.",
+        "in shards of images. Default: 1/16 of RAM, at most 1GB.",
         show_default=False,
     ),
 ]

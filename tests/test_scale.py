@@ -466,7 +466,7 @@ def test_bad_max_memory_is_exit_2(washer, tmp_path, value, fragments):
 
 
 def test_default_budget_is_a_bounded_share_of_memory():
-    assert 0 < default_max_memory() <= MAX_MEMORY == 512 * 2**20
+    assert 0 < default_max_memory() <= MAX_MEMORY == 2**30
 
 
 def test_fit_reports_its_coreset_passes(washer, tmp_path):
