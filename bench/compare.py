@@ -58,12 +58,18 @@ def summary(rows: list[dict]) -> dict[str, float]:
     }
 
 
+def _key(file: str) -> str:
+    """A test image by its last four path parts (category/test/kind/name), so that runs made from
+    different checkouts or dataset folders still match image for image."""
+    return "/".join(Path(file).parts[-4:])
+
+
 def paired(base: list[dict], other: list[dict], rng: np.random.Generator) -> np.ndarray:
     """RESAMPLES bootstrap draws of (other - base) image AUROC for one dataset (mean over its rows)."""
     draws = np.zeros(RESAMPLES)
     for b_row, o_row in zip(base, other, strict=True):
-        b = {i["file"]: i for i in b_row["images"]}
-        o = {i["file"]: i for i in o_row["images"]}
+        b = {_key(i["file"]): i for i in b_row["images"]}
+        o = {_key(i["file"]): i for i in o_row["images"]}
         files = sorted(set(b) & set(o))
         labels = np.array([b[f]["label"] for f in files])
         sb = np.array([b[f]["score"] for f in files])
