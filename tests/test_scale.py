@@ -32,7 +32,7 @@ from patchcore_cli.coreset import (
 )
 from patchcore_cli.data import list_images
 from patchcore_cli.errors import BankError, ConfigError
-from patchcore_cli.sharding import MAX_MEMORY, ShardedCoreset, default_max_memory
+from patchcore_cli.sharding import MAX_MEMORY, ShardedCoreset, default_max_memory, picks, plan
 from patchcore_cli.store import ImageRows, Store, StoreWriter
 from tests.conftest import TINY_CONFIG, TINY_OPTIONS
 
@@ -263,6 +263,47 @@ def test_sharded_coreset_keeping_everything_keeps_the_order(tmp_path):
     chosen = run_sharded(tmp_path, rows, [30] * 10, budget_for(100, 8), share=1.0)
     assert chosen.passes == 4
     np.testing.assert_array_equal(chosen.source, np.arange(300))
+
+
+@pytest.mark.parametrize(
+    ("max_rows", "share"), [(150, 0.1), (400, 0.1), (10**4, 0.1), (100, 1.0), (90, 0.003)]
+)
+def test_plan_cuts_the_shards_and_picks_of_a_sharded_coreset(tmp_path, max_rows, share):
+    """Planned before any row is seen, then taken shard by shard with `picks`: the streamed coreset."""
+    rng = np.random.default_rng(9)
+    counts = rng.integers(20, 60, 40).tolist()
+    rows = rng.standard_normal((sum(counts), 24)).astype(np.float32)
+    budget = budget_for(max_rows, 8)
+    chosen = run_sharded(tmp_path, rows, counts, budget, share=share)
+    shards = plan(counts, [f"image-{i}" for i in range(len(counts))], share, 24, 8, budget)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    assert [(s.lo, s.hi) for s in shards] == [
+        (int(np.searchsorted(offsets, lo)), int(np.searchsorted(offsets, hi)))
+        for lo, hi in shard_runs(counts, max_rows)
+    ]
+    assert len(shards) == chosen.passes and [s.rows for s in shards] == [
+        hi - lo for lo, hi in shard_runs(counts, max_rows)
+    ]
+    assert (shards[0].index is None) == (len(shards) == 1)
+    source = []
+    for shard in reversed(shards):  # in any order: each pass depends only on its rows and its index
+        lo, hi = offsets[shard.lo], offsets[shard.hi]
+        taken = picks(rows[lo:hi], shard.keep, shard.index, share, 8, 3)
+        assert len(taken) == shard.keep >= shard.part
+        source.insert(0, lo + taken[: shard.part])
+    np.testing.assert_array_equal(np.concatenate(source), chosen.source)
+
+
+def test_plan_refuses_an_image_larger_than_one_pass_as_the_stream_does(tmp_path):
+    budget = budget_for(50, 8)
+    with pytest.raises(ConfigError) as planned:
+        plan([30, 64, 70], ["a.png", "b.png", "c.png"], 0.1, 24, 8, budget)
+    streamed = ShardedCoreset(tmp_path, 24, 0.1, 8, 3, budget, engine.Timings())
+    streamed.add(np.zeros((30, 24), np.float32), "a.png")
+    with pytest.raises(ConfigError) as added:
+        streamed.add(np.zeros((64, 24), np.float32), "b.png")
+    assert planned.value.message == added.value.message
+    assert "one image's 64 patches (b.png)" in planned.value.message
 
 
 def test_sharded_coreset_refuses_an_image_larger_than_one_pass(tmp_path):
