@@ -408,6 +408,57 @@ def test_streamed_fit_of_ragged_images_equals_the_reference(ragged, config, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+def fit_apart(paths, config, budget, tmp_path):
+    """A fit planned from the images' patch counts, its shards fitted one by one in reverse order and
+    put together: what `fit --ray` does, without Ray."""
+    names = [str(path) for path in paths]
+    extractor = engine.Extractor(config)
+    views = engine.view_sizes(config)
+    views = [views] * len(paths) if views else engine.frame_images(paths, config, 10**8)
+    counts, jobs = engine.plan_fit(names, config, extractor, views, budget)
+    fits = [
+        engine.fit_shard(paths[job.first : job.last], config, job, 10**8, tmp_path) for job in reversed(jobs)
+    ][::-1]
+    assert list(tmp_path.iterdir()) == []
+    member = engine.fit_from_shards(
+        names, config, extractor, jobs, fits, counts, engine.Timings(), engine._Silent()
+    )
+    return engine.combine_members([member], config, len(paths), engine.Timings()), jobs
+
+
+@pytest.mark.parametrize(
+    ("framing", "max_rows"), [("whole", 7 * PATCHES), ("whole", None), ("aspect", 3 * 96), ("tile", 1600)]
+)
+def test_shards_fitted_apart_give_the_streamed_fit(train, ragged, config, tmp_path, framing, max_rows):
+    """Bit for bit: bank rows, calibration, patch count, passes and the stored sample (None: the default
+    budget, one pass). A pass of seven of the eight square images leaves the last shard one image, which
+    resnet18 embeds differently in a batch of its own: its job embeds the whole batch around it."""
+    paths = train if framing == "whole" else ragged
+    config = dataclasses.replace(config, framing=framing, tile_size=48 if framing == "tile" else 0)
+    budget = default_max_memory() if max_rows is None else budget_for(max_rows, WIDTH)
+    apart, jobs = fit_apart(paths, config, budget, tmp_path)
+    streamed = engine.fit(paths, config, max_memory=budget, work_dir=tmp_path)
+    assert apart.coreset_passes == streamed.coreset_passes == [len(jobs)]
+    assert (len(jobs) > 1) == (max_rows is not None)
+    np.testing.assert_array_equal(apart.bank.memory_bank, streamed.bank.memory_bank)
+    assert apart.bank.calibration == streamed.bank.calibration
+    assert apart.bank.calibration_sample == streamed.bank.calibration_sample
+    assert apart.n_patches == streamed.n_patches == apart.bank.n_patches
+    assert apart.bank.config == streamed.bank.config
+    if max_rows == 7 * PATCHES:
+        assert [(job.shard.lo, job.shard.hi, job.first, job.last) for job in jobs] == [
+            (0, 7, 0, 8),
+            (7, 8, 0, 8),
+        ]
+
+
+def test_batch_bounds_follow_embed_paths():
+    assert engine.batch_bounds([1] * 10, 4) == [0, 4, 8, 10]
+    assert engine.batch_bounds([1] * 8, 4) == [0, 4, 8]
+    assert engine.batch_bounds([3, 3, 9, 1, 1], 4) == [0, 2, 3, 5]  # a batch ends once it holds 4 views
+    assert engine.batch_bounds([], 4) == [0]
+
+
 def test_fit_removes_its_work_files_on_error(train, config, tmp_path, monkeypatch):
     seen = []
 
