@@ -31,8 +31,8 @@ from patchcore_cli.coreset import (
     working_set,
 )
 from patchcore_cli.data import list_images
-from patchcore_cli.errors import BankError, ConfigError
-from patchcore_cli.sharding import MAX_MEMORY, ShardedCoreset, default_max_memory, picks, plan
+from patchcore_cli.errors import BankError, ConfigError, InputError, WeightsError
+from patchcore_cli.sharding import MAX_MEMORY, Shard, ShardedCoreset, default_max_memory, picks, plan
 from patchcore_cli.store import ImageRows, Store, StoreWriter
 from tests.conftest import TINY_CONFIG, TINY_OPTIONS
 
@@ -450,6 +450,20 @@ def test_shards_fitted_apart_give_the_streamed_fit(train, ragged, config, tmp_pa
             (0, 7, 0, 8),
             (7, 8, 0, 8),
         ]
+
+
+def test_fit_from_shards_refuses_other_weights_and_other_counts(config):
+    """A worker with other weights, or an image whose patch count changed since the plan: no bank."""
+    extractor = engine.Extractor(config)
+    job = engine.ShardJob(Shard(None, 0, 2, 128, 12, 12), 0, 2, ())
+    rows = np.zeros((12, extractor.dim), np.float32)
+    part = engine.ShardFit(rows, np.arange(12), [64, 64], [[(8, 8)]] * 2, [], [], "0123456789abcdef", {})
+    args = (["a.png", "b.png"], config, extractor, [job], [part])
+    with pytest.raises(WeightsError, match="a worker found weights with sha256 0123456789ab, this machine"):
+        engine.fit_from_shards(*args, [64, 64], engine.Timings(), engine._Silent())
+    part.weights_sha256 = extractor.loaded.weights_sha256
+    with pytest.raises(InputError, match=r"^b\.png: 64 patches when fitted, 80 when the shards were planned"):
+        engine.fit_from_shards(*args, [64, 80], engine.Timings(), engine._Silent())
 
 
 def test_batch_bounds_follow_embed_paths():
