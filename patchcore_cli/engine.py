@@ -488,8 +488,8 @@ def stream_images(
         progress.start("features", len(paths))
         for decoded, (patches,) in embed_paths(paths, [extractor], timings, progress, max_pixels):
             for item, image in zip([d for d in decoded if d.geometry is not None], patches, strict=True):
-                position += 1
-                if keep is not None and position - 1 not in keep:
+                index, position = position, position + 1
+                if keep is not None and index not in keep:
                     continue
                 if len(geometries) in wanted:
                     with timings.stage("store"):
@@ -669,7 +669,6 @@ class ShardFit:
     geometries: list[Geometry]
     sample: list[np.ndarray]  # the patches (P_i x D) of the shard's calibration images, in image order
     weights_sha256: str
-    seconds: dict[str, float]  # the shard's own stage timings
 
 
 def fit_shard(
@@ -714,7 +713,6 @@ def fit_shard(
         training.geometries,
         patches,
         extractor.loaded.weights_sha256,
-        timings.seconds,
     )
 
 

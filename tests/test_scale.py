@@ -457,7 +457,7 @@ def test_fit_from_shards_refuses_other_weights_and_other_counts(config):
     extractor = engine.Extractor(config)
     job = engine.ShardJob(Shard(None, 0, 2, 128, 12, 12), 0, 2, ())
     rows = np.zeros((12, extractor.dim), np.float32)
-    part = engine.ShardFit(rows, np.arange(12), [64, 64], [[(8, 8)]] * 2, [], [], "0123456789abcdef", {})
+    part = engine.ShardFit(rows, np.arange(12), [64, 64], [[(8, 8)]] * 2, [], [], "0123456789abcdef")
     args = (["a.png", "b.png"], config, extractor, [job], [part])
     with pytest.raises(WeightsError, match="a worker found weights with sha256 0123456789ab, this machine"):
         engine.fit_from_shards(*args, [64, 64], engine.Timings(), engine._Silent())
