@@ -334,7 +334,8 @@ def fit(
         Path | None,
         typer.Option(
             "--work-dir",
-            help="Folder for the fit's temporary embedding files (default: beside --out).",
+            help="Folder for the fit's temporary embedding files (default: beside --out). With --ray, a "
+            "folder on every worker node (default: their temporary folder).",
             show_default=False,
         ),
     ] = None,
@@ -362,6 +363,9 @@ def fit(
     preset: PresetOpt = None,
     config_file: ConfigOpt = None,
     max_pixels: MaxPixelsOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_cpus: RayCpusOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fit a memory bank on good images and calibrate its threshold (from good images only).
@@ -370,14 +374,19 @@ def fit(
     """
     from patchcore_cli import bank as bank_io
     from patchcore_cli import config as config_mod
+    from patchcore_cli import distributed
     from patchcore_cli.config import FitConfig
     from patchcore_cli.data import list_images
     from patchcore_cli.device import resolve
     from patchcore_cli.engine import fit as run_fit
     from patchcore_cli.engine import update as run_update
+    from patchcore_cli.errors import ConfigError
 
     budget = config_mod.parse_size(max_memory) if max_memory is not None else None
     overrides = _fit_overrides(locals())
+    ray_options = _ray_options(ray, ray_address, ray_cpus)
+    if ray_options is not None and update is not None:
+        raise ConfigError("--update runs on this machine; drop --ray")
     if update is None:
         config = config_mod.build(config_file, preset=preset, backbone=backbone, **overrides)
         resolve(config.device)  # a missing GPU fails now, before any image is read
@@ -395,7 +404,10 @@ def fit(
         "work_dir": work_dir or out_path.parent,
     }
     with RichProgress(enabled=not as_json or err.is_terminal) as progress:
-        if update is None:
+        if ray_options is not None:  # the work files are on the workers: --work-dir is a folder there
+            limits["work_dir"] = work_dir
+            result = distributed.fit(paths, config, ray_options, progress=progress, **limits)
+        elif update is None:
             result = run_fit(paths, config, progress=progress, **limits)
         else:
             result = run_update(bank, paths, str(update), options, progress, **limits, **runtime)

@@ -1,4 +1,4 @@
-"""Running the engine on Ray: `score --ray` and `benchmark --ray`.
+"""Running the engine on Ray: `score --ray`, `fit --ray` and `benchmark --ray`.
 
 This module ships work to the engine and gathers what the engine returns. PatchCore itself happens only
 in the engine, which never imports Ray, so a Ray worker runs the same code as a local run:
@@ -9,11 +9,16 @@ in the engine, which never imports Ray, so a Ray worker runs the same code as a 
   `report.score_pictures`. Local paths are read by the actors (they must be on storage every node sees);
   URIs (`s3://...`) are read by Ray Data and decoded by `data.load_image` like files. The driver puts the
   rows back in input order, names the pictures like a local run and writes them.
+- fit: the shards of the hierarchical coreset (sharding.py) run as Ray tasks. The driver plans them from
+  each image's patch count (`sharding.plan`: the boundaries and picks a local fit with the same budget
+  makes); for the aspect and tile framings, whose counts depend on each image's size, tasks frame the
+  images first. Each shard task reads and embeds its images and takes its greedy picks
+  (`engine.fit_shard`); its part of the bank and its calibration images' patches come back through the
+  object store, and the driver assembles and calibrates the bank (`engine.fit_from_shards`).
 - benchmark: one Ray task per (row, dataset) cell, each running `evaluation.benchmark_cell`.
 
-One connection serves a command (`session`), and the bank travels as `bank_payload`, so a distributed
-`fit` can be added beside these two with the same pieces. Ray is an optional extra
-(`pip install 'patchcore-cli[ray]'`), imported inside functions only.
+One connection serves a command (`session`). Ray is an optional extra (`pip install 'patchcore-cli[ray]'`),
+imported inside functions only.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ if TYPE_CHECKING:
 
     from patchcore_cli.config import FitConfig
     from patchcore_cli.data import Split
-    from patchcore_cli.engine import Progress, ScoreResult
+    from patchcore_cli.engine import FitResult, Progress, ScoreResult, ShardFit, ShardJob
     from patchcore_cli.evaluation import BenchmarkRow
 
 INSTALL_HINT = "pip install 'patchcore-cli[ray]'"
@@ -180,6 +185,17 @@ def worker_shape(options: RayOptions) -> tuple[int, int]:
             f"({sum(nodes)} CPUs on {len(nodes)} nodes)"
         )
     return cpus, options.actors or room
+
+
+def _check_version(version: str) -> None:
+    """ConfigError unless this worker runs the driver's patchcore `version`."""
+    from patchcore_cli import __version__
+
+    if version != __version__:
+        raise ConfigError(
+            f"this Ray worker runs patchcore {__version__}, the driver {version}: "
+            "install the same version on every node"
+        )
 
 
 def _rebuild(kind: str, message: str) -> PatchcoreError:
@@ -368,7 +384,6 @@ class ScoreWorker:
     ) -> None:
         import ray
 
-        from patchcore_cli import __version__
         from patchcore_cli.engine import Scorer
 
         self.heatmaps, self.masks, self.max_pixels = heatmaps, masks, max_pixels
@@ -376,11 +391,7 @@ class ScoreWorker:
         # error is only text, and the user would get a page of traceback instead of one line.
         self.failure: PatchcoreError | None = None
         try:
-            if version != __version__:
-                raise ConfigError(
-                    f"this Ray worker runs patchcore {__version__}, the driver {version}: "
-                    "install the same version on every node"
-                )
+            _check_version(version)
             # `bank` wraps the ObjectRef in a list, so Ray hands it over unresolved and the actor fetches
             # the bank itself, once.
             self.scorer = Scorer(bank_from_payload(ray.get(bank[0])), bank_path=bank_path, **runtime)
@@ -569,6 +580,219 @@ def score(
                 if on_result is not None:
                     on_result(result, row["heatmap"], row["mask"])
     return results
+
+
+# --- fit ---------------------------------------------------------------------------------------------
+
+FRAME_CHUNK = 64
+"""Images per framing task (aspect and tile framings): each task decodes its images once to learn their
+sizes, a small fraction of what embedding them costs."""
+
+
+def _frame_task(
+    paths: list[str], names: list[str], config: FitConfig, max_pixels: int, version: str
+) -> list[list[tuple[int, int]] | ImageError] | PatchcoreError:
+    """A Ray task: `engine.frame_images` of some images, their errors naming them as the user did."""
+    from patchcore_cli.engine import frame_images
+
+    try:
+        _check_version(version)
+        framed = frame_images([Path(path) for path in paths], config, max_pixels)
+    except PatchcoreError as exc:  # returned, not raised: Ray would wrap it in pages of traceback
+        return exc
+    given = dict(zip(paths, names, strict=True))
+    return [
+        ImageError(given.get(item.path, item.path), item.problem) if isinstance(item, ImageError) else item
+        for item in framed
+    ]
+
+
+def _shard_task(
+    paths: list[str],
+    names: list[str],
+    config: FitConfig,
+    job: ShardJob,
+    max_pixels: int,
+    work_dir: str | None,
+    cpus: int,
+    version: str,
+) -> ShardFit | PatchcoreError:
+    """A Ray task: `engine.fit_shard`, with torch on this task's CPUs unless the config sets threads. A
+    patchcore error (an unreadable image...) is returned for the driver to raise, naming the image as the
+    user named it."""
+    from patchcore_cli.engine import fit_shard, set_threads
+
+    set_threads(config.threads or cpus, config.index)
+    try:
+        _check_version(version)
+        folder = None if work_dir is None else Path(work_dir)
+        return fit_shard([Path(path) for path in paths], config, job, max_pixels, folder)
+    except ImageError as exc:
+        return ImageError(dict(zip(paths, names, strict=True)).get(exc.path, exc.path), exc.problem)
+    except PatchcoreError as exc:
+        return exc
+
+
+def _shipped(config: FitConfig) -> FitConfig:
+    """The config the workers get: a weights file by its absolute path (their current folder is not the
+    driver's); the device as the user gave it, for each worker to resolve on its own hardware."""
+    from dataclasses import replace
+
+    from patchcore_cli.backbones import RANDOM_WEIGHTS
+
+    if config.weights is None or config.weights == RANDOM_WEIGHTS:
+        return config
+    return replace(config, weights=str(Path(config.weights).expanduser().absolute()))
+
+
+def _gather(refs: Sequence[Any], progress: Progress, sizes: Sequence[int]) -> list[Any]:
+    """The values of task `refs`, in their order, advancing `progress` by `sizes[i]` as task i finishes.
+    A task that returns a patchcore error raises it, once every earlier task has finished and returned
+    none: so the error is the one a local run, working in that order, meets first. Later tasks are
+    cancelled then, and all of them on any other way out (Ctrl-C)."""
+    import ray
+
+    order = {ref: i for i, ref in enumerate(refs)}
+    values: dict[int, Any] = {}
+    failed: int | None = None
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            i = order[ready[0]]
+            value = ray.get(ready[0])
+            values[i] = value
+            if isinstance(value, PatchcoreError):
+                failed = i if failed is None else min(failed, i)
+                for ref in [ref for ref in pending if order[ref] > failed]:
+                    ray.cancel(ref)
+                pending = [ref for ref in pending if order[ref] < failed]
+            else:
+                progress.advance(sizes[i])
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref)
+        raise
+    if failed is not None:
+        raise values[failed]
+    return [values[i] for i in range(len(refs))]
+
+
+def _frames(
+    paths: list[str], names: list[str], config: FitConfig, max_pixels: int, progress: Progress
+) -> list[list[tuple[int, int]] | ImageError]:
+    """Every image's view sizes (or its ImageError), from framing tasks of FRAME_CHUNK images."""
+    import ray
+
+    from patchcore_cli import __version__
+
+    task = ray.remote(_frame_task).options(num_cpus=1)
+    chunks = range(0, len(paths), FRAME_CHUNK)
+    refs = [
+        task.remote(
+            paths[lo : lo + FRAME_CHUNK], names[lo : lo + FRAME_CHUNK], config, max_pixels, __version__
+        )
+        for lo in chunks
+    ]
+    progress.start("framing", len(paths))
+    return [
+        item
+        for chunk in _gather(refs, progress, [len(paths[lo : lo + FRAME_CHUNK]) for lo in chunks])
+        for item in chunk
+    ]
+
+
+def fit(
+    paths: Sequence[Path],
+    config: FitConfig,
+    options: RayOptions,
+    progress: Progress | None = None,
+    max_pixels: int | None = None,
+    max_memory: int | None = None,
+    work_dir: Path | None = None,
+) -> FitResult:
+    """`engine.fit` with the shards of its coreset run as Ray tasks: the same bank and calibration as a
+    local fit with the same `max_memory`, bit for bit, when the workers compute the embeddings as this
+    machine does (the same torch threads: see `DEFAULT_CPUS`).
+
+    The driver loads the backbone once, to learn the patch grid of a view, plans the shards
+    (`sharding.plan`) and calibrates the bank; the tasks read the images (local paths every node sees),
+    embed them and take each shard's greedy picks. `work_dir`: a folder, on every worker node, for the
+    shards' work files (default: each worker's temporary folder). An unreadable image raises the local
+    fit's error; so does a `max_memory` below one image.
+    """
+    import ray
+
+    from patchcore_cli import __version__
+    from patchcore_cli.config import members, resolve_crop
+    from patchcore_cli.data import DEFAULT_MAX_PIXELS
+    from patchcore_cli.engine import (
+        Extractor,
+        Timings,
+        _Silent,
+        check_fit_images,
+        combine_members,
+        fit_from_shards,
+        patch_counts,
+        plan_fit,
+        set_threads,
+        shorter_sides,
+        view_sizes,
+    )
+    from patchcore_cli.sharding import default_max_memory, plan
+
+    progress = progress or _Silent()
+    check_fit_images(paths)
+    config = resolve_crop(config, shorter_sides(paths))  # `crop: auto`, read from headers as a local fit does
+    timings = Timings()
+    limit = max_pixels or DEFAULT_MAX_PIXELS
+    budget = default_max_memory() if max_memory is None else max_memory
+    names = [str(path) for path in paths]
+    # Absolute paths: a worker's current folder is not the driver's. Errors name the images as given.
+    files = [str(Path(path).absolute()) for path in paths]
+    folder = None if work_dir is None else str(work_dir)
+    set_threads(config.threads, config.index)  # the driver's calibration searches as a local fit's do
+    with session(options):
+        cpus, _ = worker_shape(options)
+        parts = list(zip(members(config), members(_shipped(config)), strict=True))
+        with timings.stage("load backbone"):
+            extractors = [Extractor(member) for member, _ in parts]
+        framed: list[Any] = [view_sizes(config)] * len(paths)
+        if framed[0] is None:  # aspect, tile: the views depend on each image's size
+            with timings.stage("framing"):
+                framed = _frames(files, names, _shipped(config), limit, progress)
+        bad = next((i for i, item in enumerate(framed) if isinstance(item, ImageError)), None)
+        if bad is not None:
+            # As a local fit, which meets it first, fails on an image too large for one pass before it.
+            for (member, _), extractor in zip(parts, extractors, strict=True):
+                counts = patch_counts(extractor, framed[:bad])
+                plan(counts, names, member.coreset, extractor.dim, member.projection_dim, budget)
+            raise framed[bad]
+        plans = [
+            plan_fit(names, member, extractor, framed, budget)
+            for (member, _), extractor in zip(parts, extractors, strict=True)
+        ]
+        task = ray.remote(_shard_task).options(num_cpus=cpus)
+        refs = [
+            task.remote(
+                files[job.first : job.last], names[job.first : job.last], shipped, job, limit, folder, cpus,
+                __version__,
+            )
+            for (_, shipped), (_, jobs) in zip(parts, plans, strict=True)
+            for job in jobs
+        ]  # fmt: skip
+        sizes = [job.shard.hi - job.shard.lo for _, jobs in plans for job in jobs]
+        progress.start("features", len(paths) * len(parts))
+        with timings.stage("shards (Ray)"):
+            fits = _gather(refs, progress, sizes)
+        fitted, first = [], 0
+        for (member, _), extractor, (counts, jobs) in zip(parts, extractors, plans, strict=True):
+            shard_fits = fits[first : first + len(jobs)]
+            fitted.append(
+                fit_from_shards(names, member, extractor, jobs, shard_fits, counts, timings, progress)
+            )
+            first += len(jobs)
+    return combine_members(fitted, config, len(paths), timings)
 
 
 # --- benchmark ---------------------------------------------------------------------------------------

@@ -6,10 +6,11 @@ module returns.
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -21,13 +22,14 @@ import numpy as np
 from patchcore_cli import bank as bank_io
 from patchcore_cli.calibration import sigma_threshold, stored_promise, target_fpr_threshold
 from patchcore_cli.config import FitConfig, resolve_crop
-from patchcore_cli.errors import BankError, ConfigError, ImageError, InputError
+from patchcore_cli.errors import BankError, ConfigError, ImageError, InputError, WeightsError
 from patchcore_cli.features import embedding_dim
 from patchcore_cli.geometry import Framing, Geometry
 from patchcore_cli.store import ImageRows, StoreWriter
 
 if TYPE_CHECKING:
     from patchcore_cli.data import ImageBytes
+    from patchcore_cli.sharding import Shard
 
 MIN_FIT_IMAGES = 2
 """`fit` needs at least this many good images: calibration leaves one image out at a time."""
@@ -184,6 +186,7 @@ class Extractor:
         self.trunk = Trunk(self.loaded, config.layers, self.device)
         self.trunk.set_precision(config.precision)
         self.dim = embedding_dim(self.trunk.channels, config.dim)
+        self._grids: dict[tuple[int, int], tuple[int, int]] = {}
 
     @property
     def random_weights(self) -> bool:
@@ -210,6 +213,17 @@ class Extractor:
                 self.config.patch_size,
             )
         return out.cpu().numpy(), (int(grid[0]), int(grid[1]))
+
+    def grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (h, w) patch grid of a view of `size` (width, height): the shape of the first stage's map,
+        from one forward pass over a blank view of that size (once per size)."""
+        if size not in self._grids:
+            import torch
+
+            maps = self.trunk(torch.zeros(1, 3, size[1], size[0]))
+            h, w = maps[self.trunk.layers[0]].shape[-2:]
+            self._grids[size] = (int(h), int(w))
+        return self._grids[size]
 
     def embed_views(self, items: Sequence[Decoded], timings: Timings) -> list[Patches]:
         """The views of readable images -> one Patches per image. Views of the same size share forward
@@ -330,12 +344,7 @@ def fit(
 
     config = replace(config, device=device.resolve(config.device))  # a missing GPU fails before any work
     progress = progress or _Silent()
-    if len(paths) < MIN_FIT_IMAGES:
-        given = "".join(f": {path}" for path in paths)
-        raise InputError(
-            f"fit needs at least {MIN_FIT_IMAGES} good images (calibration leaves one out), "
-            f"got {len(paths)}{given}"
-        )
+    check_fit_images(paths)
     config = resolve_crop(config, shorter_sides(paths))
     timings = Timings()
     set_threads(config.threads, config.index)
@@ -344,6 +353,24 @@ def fit(
     parts = [
         _fit_member(paths, member, timings, progress, limit, budget, work_dir) for member in members(config)
     ]
+    return combine_members(parts, config, len(paths), timings)
+
+
+def check_fit_images(paths: Sequence[Path | str]) -> None:
+    """InputError unless there are enough good images to fit on."""
+    if len(paths) < MIN_FIT_IMAGES:
+        given = "".join(f": {path}" for path in paths)
+        raise InputError(
+            f"fit needs at least {MIN_FIT_IMAGES} good images (calibration leaves one out), "
+            f"got {len(paths)}{given}"
+        )
+
+
+def combine_members(
+    parts: Sequence[_MemberFit], config: FitConfig, n_images: int, timings: Timings
+) -> FitResult:
+    """The fit of `config` from its members' fits: the member's own bank, or an ensemble bank whose
+    calibration is that of the members' standardised scores, averaged."""
     if len(parts) == 1:
         bank, scores, maps = parts[0].bank, parts[0].loo_scores, parts[0].loo_maps
     else:
@@ -358,14 +385,14 @@ def fit(
             config={**config.model_dict(), "weights_file": None},
             calibration=calibrate(scores, maps, config),
             weights_sha256="+".join(p.bank.weights_sha256 for p in parts),
-            n_train_images=len(paths),
+            n_train_images=n_images,
             members=[p.bank for p in parts],
         )
     extractors = [p.extractor for p in parts]
     maxima = np.array([float(amap.max()) for amap in maps])
     n_patches = sum(p.n_patches for p in parts)
     passes = [p.passes for p in parts]
-    return FitResult(bank, timings, len(paths), n_patches, extractors, scores, maxima, passes)
+    return FitResult(bank, timings, n_images, n_patches, extractors, scores, maxima, passes)
 
 
 @dataclass(frozen=True)
@@ -441,7 +468,7 @@ class StreamedTraining:
     offsets: np.ndarray  # n_images + 1: image i owned rows offsets[i] .. offsets[i + 1] - 1 of the stream
     grids: list[list[tuple[int, int]]]
     geometries: list[Geometry]
-    sample: ImageRows  # the patches of the images calibration leaves out
+    sample: ImageRows | Mapping[int, np.ndarray]  # the patches of the images calibration leaves out
 
     def image(self, index: int) -> np.ndarray:
         return self.sample[index]
@@ -464,18 +491,26 @@ def stream_images(
     timings: Timings,
     progress: Progress,
     max_pixels: int,
+    keep: range | None = None,
 ) -> StreamedTraining:
     """Embed images and hand each image's patches (P_i x D) to `sink`, in order, keeping in memory only
     what calibration needs besides patches: geometries, grids and row ranges. The patches of the images in
-    `sample` (sorted indices) also go to a store at `sample_path`, from which calibration reads them."""
+    `sample` (sorted indices) also go to a store at `sample_path`, from which calibration reads them.
+
+    With `keep`, only the images at those positions of `paths` are kept (and indexed by `sample`); the
+    others are embedded for the forward passes they share with the kept ones, then dropped."""
     wanted = set(sample.tolist())
     grids: list[list[tuple[int, int]]] = []
     geometries: list[Geometry] = []
     counts: list[int] = []
+    position = 0
     with StoreWriter(sample_path, extractor.dim) as writer:
         progress.start("features", len(paths))
         for decoded, (patches,) in embed_paths(paths, [extractor], timings, progress, max_pixels):
             for item, image in zip([d for d in decoded if d.geometry is not None], patches, strict=True):
+                index, position = position, position + 1
+                if keep is not None and index not in keep:
+                    continue
                 if len(geometries) in wanted:
                     with timings.stage("store"):
                         writer.append(image.rows)
@@ -512,16 +547,33 @@ def _fit_member(
         )
         progress.start("coreset", None)
         chosen = shards.finish()
-        with timings.stage("calibrate"):
-            source_image = training.images_of(chosen.source)
-            scores, maps = leave_one_out(training, chosen.rows, source_image, config, progress)
-            calibration = calibrate(scores, maps, config)
+        source_image = training.images_of(chosen.source)
+        return _calibrated_member(
+            config, extractor, training, chosen.rows, source_image, chosen.passes, timings, progress
+        )
+
+
+def _calibrated_member(
+    config: FitConfig,
+    extractor: Extractor,
+    training: StreamedTraining,
+    rows: np.ndarray,
+    source_image: np.ndarray,
+    passes: int,
+    timings: Timings,
+    progress: Progress,
+) -> _MemberFit:
+    """A member's bank from its chosen rows (M x D) and the image each came from (M): calibrated on the
+    training images' leave-one-out scores."""
+    with timings.stage("calibrate"):
+        scores, maps = leave_one_out(training, rows, source_image, config, progress)
+        calibration = calibrate(scores, maps, config)
     n_patches = int(training.offsets[-1])
     bank = bank_io.Bank(
-        memory_bank=chosen.rows,
+        memory_bank=rows,
         config={
             **config.model_dict(),
-            "embedding_dim": int(chosen.rows.shape[1]),
+            "embedding_dim": int(rows.shape[1]),
             "weights_file": extractor.loaded.weights_source if config.weights else None,
         },
         calibration=calibration,
@@ -530,7 +582,201 @@ def _fit_member(
         n_patches=n_patches,
         calibration_sample=sample_record(scores, maps),
     )
-    return _MemberFit(bank, extractor, n_patches, scores, maps, chosen.passes)
+    return _MemberFit(bank, extractor, n_patches, scores, maps, passes)
+
+
+# --- a fit in planned shards, run elsewhere (`fit --ray`, distributed.py) ------------------------------
+#
+# When every image's patch count is known before the images are embedded, the shards a streamed fit
+# would cut can be planned (`plan_fit`) and fitted apart, anywhere and in any order (`fit_shard`), then
+# put together (`fit_from_shards`) into the bank and calibration of the streamed fit, bit for bit: the
+# same embeddings, through the same greedy passes, calibrated on the same leave-one-out sample.
+
+
+def view_sizes(config: FitConfig) -> list[tuple[int, int]] | None:
+    """The (width, height) of every image's views when the framing fixes them (whole, crop: one crop x crop
+    view), or None when they depend on the image's size (aspect, tile: `frame_images`)."""
+    return [(config.crop, config.crop)] if config.framing in ("whole", "crop") else None
+
+
+def frame_images(
+    paths: Sequence[Path], config: FitConfig, max_pixels: int
+) -> list[list[tuple[int, int]] | ImageError]:
+    """Each image's view sizes (width, height) as a fit frames it, or the ImageError that reading it
+    raises. The image is decoded in full, as a fit decodes it, so its size is the one the fit sees."""
+    from patchcore_cli.data import load_image
+
+    framing = framing_of(config)
+    framed: list[list[tuple[int, int]] | ImageError] = []
+    for path in paths:
+        try:
+            size = load_image(path, max_pixels=max_pixels).size
+        except ImageError as exc:
+            framed.append(exc)
+            continue
+        framed.append([view.size for view in framing.frame(size).views])
+    return framed
+
+
+def patch_counts(extractor: Extractor, views: Sequence[Sequence[tuple[int, int]]]) -> list[int]:
+    """Each image's patch count from its view sizes: the sum of its views' grids."""
+    return [sum(math.prod(extractor.grid(size)) for size in sizes) for sizes in views]
+
+
+def batch_bounds(views: Sequence[int], batch_size: int) -> list[int]:
+    """Where the batches of `embed_paths` over images of views[i] views each begin, and len(views): a
+    batch ends once it holds batch_size views. A run over images bounds[j] .. bounds[k] - 1 forms the
+    same batches as the run over all images, so its embeddings are the same bit for bit; in a batch of
+    another size a convolution may round differently (resnet18 on the CPU does, in a batch of one)."""
+    bounds, held = [0], 0
+    for image, count in enumerate(views):
+        held += count
+        if held >= batch_size:
+            bounds.append(image + 1)
+            held = 0
+    if bounds[-1] != len(views):
+        bounds.append(len(views))
+    return bounds
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One planned shard as `fit_shard` takes it: the shard, the images to embed for it (first .. last - 1:
+    its own, widened to whole batches, `batch_bounds`), and which of its images calibration leaves out."""
+
+    shard: Shard
+    first: int
+    last: int
+    sample: tuple[int, ...]  # indices within the shard (0 = image shard.lo)
+
+
+def plan_fit(
+    names: Sequence[str],
+    config: FitConfig,
+    extractor: Extractor,
+    views: Sequence[Sequence[tuple[int, int]]],
+    budget: int,
+) -> tuple[list[int], list[ShardJob]]:
+    """(each image's patch count, the shards of its coreset) of a fit of `config` on images whose views
+    have the sizes `views`, within `budget` bytes: the shards a streamed fit cuts (`sharding.plan`).
+    `names` name the images in errors."""
+    from patchcore_cli.sharding import plan
+
+    counts = patch_counts(extractor, views)
+    shards = plan(counts, names, config.coreset, extractor.dim, config.projection_dim, budget)
+    bounds = batch_bounds([len(sizes) for sizes in views], config.batch_size)
+    sample = calibration_sample(len(views), config.calibration_images, config.seed).tolist()
+    jobs = [
+        ShardJob(
+            shard,
+            bounds[bisect.bisect_right(bounds, shard.lo) - 1],
+            bounds[bisect.bisect_left(bounds, shard.hi)],
+            tuple(index - shard.lo for index in sample if shard.lo <= index < shard.hi),
+        )
+        for shard in shards
+    ]
+    return counts, jobs
+
+
+@dataclass
+class ShardFit:
+    """What `fit_shard` sends back: the shard's part of the bank, and what calibration needs of its images."""
+
+    rows: np.ndarray  # part x D float32: the shard's bank rows, in greedy order
+    source: np.ndarray  # part int64: each row's index among the shard's patch rows
+    counts: list[int]  # each image's patch count
+    grids: list[list[tuple[int, int]]]  # each image's views' patch grids
+    geometries: list[Geometry]
+    sample: list[np.ndarray]  # the patches (P_i x D) of the shard's calibration images, in image order
+    weights_sha256: str
+
+
+def fit_shard(
+    paths: Sequence[Path], config: FitConfig, job: ShardJob, max_pixels: int, work_dir: Path | None = None
+) -> ShardFit:
+    """Fit one planned shard: embed the job's images (`paths`: the fit's images job.first .. job.last - 1)
+    and take the shard's greedy picks as the streamed fit does (`sharding.picks`). The patches go to work
+    files in a private folder under `work_dir` (default: the system's temporary folder), removed however
+    this ends."""
+    from patchcore_cli.sharding import picks, work_folder
+
+    shard = job.shard
+    timings = Timings()
+    with timings.stage("load backbone"):
+        extractor = Extractor(config)
+    with work_folder(work_dir) as work:
+        with StoreWriter(work / "shard.npy", extractor.dim) as writer:
+            training = stream_images(
+                paths,
+                extractor,
+                _Appender(writer, timings),
+                np.asarray(job.sample, dtype=np.int64),
+                work / "calibration.npy",
+                timings,
+                _Silent(),
+                max_pixels,
+                keep=range(shard.lo - job.first, shard.hi - job.first),
+            )
+            with timings.stage("store"):
+                store = writer.close()
+        with timings.stage("coreset"):
+            chosen = picks(store, shard.keep, shard.index, config.coreset, config.projection_dim, config.seed)
+            chosen = chosen[: shard.part]
+            rows = store.take(chosen)
+        with timings.stage("store"):
+            patches = [training.sample[index] for index in job.sample]
+    return ShardFit(
+        rows,
+        chosen,
+        np.diff(training.offsets).tolist(),
+        training.grids,
+        training.geometries,
+        patches,
+        extractor.loaded.weights_sha256,
+    )
+
+
+def fit_from_shards(
+    names: Sequence[str],
+    config: FitConfig,
+    extractor: Extractor,
+    jobs: Sequence[ShardJob],
+    fits: Sequence[ShardFit],
+    counts: Sequence[int],
+    timings: Timings,
+    progress: Progress,
+) -> _MemberFit:
+    """A member's fit from its planned shards and their fits, in order: the bank is each shard's part,
+    shard after shard, calibrated as the streamed fit calibrates. `counts` are the patch counts the plan
+    was made from; `names` name the images in errors; `extractor` is this machine's, whose weights every
+    shard must have used."""
+    for job, part in zip(jobs, fits, strict=True):
+        if part.weights_sha256 != extractor.loaded.weights_sha256:
+            raise WeightsError(
+                f"{config.backbone}: a worker found weights with sha256 {part.weights_sha256[:12]}, this "
+                f"machine {extractor.loaded.weights_sha256[:12]}; give every node the same --weights"
+            )
+        for image, count in enumerate(part.counts, start=job.shard.lo):
+            if count != counts[image]:
+                raise InputError(
+                    f"{names[image]}: {count} patches when fitted, {counts[image]} when the shards were "
+                    "planned (did the file change during the fit?)"
+                )
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    sample = calibration_sample(len(counts), config.calibration_images, config.seed).tolist()
+    training = StreamedTraining(
+        offsets,
+        [grids for part in fits for grids in part.grids],
+        [geometry for part in fits for geometry in part.geometries],
+        dict(zip(sample, [rows for part in fits for rows in part.sample], strict=True)),
+    )
+    rows = np.concatenate([part.rows for part in fits])
+    source = np.concatenate(
+        [part.source + offsets[job.shard.lo] for job, part in zip(jobs, fits, strict=True)]
+    )
+    return _calibrated_member(
+        config, extractor, training, rows, training.images_of(source), len(jobs), timings, progress
+    )
 
 
 def calibration_sample(n_images: int, count: int, seed: int) -> np.ndarray:

@@ -16,6 +16,10 @@ budget is the fit without one, bit for bit.
 Shards are runs of whole images, cut where the next image would not fit; each is seeded by its index
 (`coreset.shard_start`), so its picks depend on nothing but its rows and its place. The budget covers the
 greedy pass only: the bank, the backbone and the calibration come on top.
+
+When every image's patch count is known before any image is read, `plan` cuts the same shards and sizes
+their picks up front, so that the shards can run anywhere, in any order (`fit --ray`, distributed.py);
+`picks` is the greedy pass both ways take.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +39,7 @@ from patchcore_cli.errors import ConfigError, OutputError
 from patchcore_cli.store import StoreWriter
 
 if TYPE_CHECKING:
+    from patchcore_cli.coreset import RowSource
     from patchcore_cli.engine import Timings
 
 MEMORY_FRACTION = 16
@@ -89,6 +94,87 @@ class Coreset:
     rows: np.ndarray  # M x D float32, in bank order: shard after shard, greedy order within each
     source: np.ndarray  # M int64: each row's index in the stream (0 = the first row added)
     passes: int  # greedy passes: 1 for a one-pass coreset, else the number of shards
+
+
+def picks(
+    source: np.ndarray | RowSource,
+    keep: int,
+    index: int | None,
+    share: float,
+    projection_dim: int | None,
+    seed: int,
+) -> np.ndarray:
+    """The first `keep` greedy picks (row indices, int64) of a shard's rows: of shard `index` of a
+    hierarchical coreset, started at `coreset.shard_start`, or with `index` None of the only pass, started
+    where `greedy_coreset` starts by default. A pass that keeps every row keeps them in order."""
+    rows = source.shape[0]
+    if keep >= rows and (index is None or share >= 1.0):
+        return np.arange(rows, dtype=np.int64)
+    if keep <= 0:
+        return np.empty(0, dtype=np.int64)
+    start = None if index is None else coreset.shard_start(seed, index, rows)
+    return coreset.greedy_coreset(source, keep, projection_dim, seed, start=start).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One greedy pass of a planned coreset (`plan`): images lo .. hi - 1, holding `rows` patches. The pass
+    picks `keep` rows (`picks`), of which the bank takes the first `part`. `index` is None for the only
+    pass of a coreset that fits one."""
+
+    index: int | None
+    lo: int
+    hi: int
+    rows: int
+    keep: int
+    part: int
+
+
+def plan(
+    counts: Sequence[int],
+    names: Sequence[str],
+    share: float,
+    dim: int,
+    projection_dim: int | None,
+    budget: int,
+) -> list[Shard]:
+    """The shards a `ShardedCoreset` cuts from images of `counts` patches (`names` name them in errors) and
+    the picks it takes from each: the same boundaries, the same provisional and final picks, the same
+    ConfigError for an image larger than one pass. The bank is the first `part` picks of each shard, shard
+    after shard."""
+    width = dim if projection_dim is None else min(dim, projection_dim)
+    max_rows = coreset.max_rows_for(budget, width)
+    runs: list[tuple[int, int, int]] = []
+    first, rows = 0, 0
+    for image, count in enumerate(counts):
+        if count > max_rows:
+            raise too_small(budget, width, count, f"one image's {count} patches ({names[image]})")
+        if rows + count > max_rows:
+            runs.append((first, image, rows))
+            first, rows = image, 0
+        rows += count
+    runs.append((first, len(counts), rows))
+    total = sum(rows for _, _, rows in runs)
+    target = min(total, max(1, round(share * total)))
+    if len(runs) == 1:
+        return [Shard(None, 0, len(counts), total, target, target)]
+    sizes = np.array([rows for _, _, rows in runs])
+    parts = coreset.apportion(target, sizes)
+    keeps = [coreset.provisional_keep(int(size), share) for size in sizes[:-1]] + [int(parts[-1])]
+    if (parts > np.array(keeps)).any():
+        raise ValueError(f"a bank of {target} rows needs more than the shards picked; share is too small")
+    return [
+        Shard(index, lo, hi, rows, keep, int(part))
+        for index, ((lo, hi, rows), keep, part) in enumerate(zip(runs, keeps, parts, strict=True))
+    ]
+
+
+def too_small(budget: int, width: int, rows: int, what: str) -> ConfigError:
+    """The error for a budget below one greedy pass over `rows` rows (`what` says which)."""
+    return ConfigError(
+        f"--max-memory {format_bytes(budget)} is too small for the coreset of {what}; give at least "
+        f"{format_bytes(coreset.budget_for(rows, width))}"
+    )
 
 
 class ShardedCoreset:
@@ -170,14 +256,11 @@ class ShardedCoreset:
         with self.timings.stage("store"):
             store = self.shard.close()
         with self.timings.stage("coreset"):
-            if target >= store.rows:
-                selected = np.arange(store.rows)
-            else:
-                selected = coreset.greedy_coreset(store, target, self.projection_dim, self.seed)
+            selected = picks(store, target, None, self.share, self.projection_dim, self.seed)
             rows = store.take(selected)
         store.path.unlink()
         self.picks.discard()
-        return Coreset(rows, selected.astype(np.int64), 1)
+        return Coreset(rows, selected, 1)
 
     def _close(self, keep: int | None = None, last: bool = False) -> None:
         """Take the current shard's coreset: `keep` picks, or provisionally as many as its share may need;
@@ -189,25 +272,16 @@ class ShardedCoreset:
         if keep is None:
             keep = coreset.provisional_keep(size, self.share)
         with self.timings.stage("coreset"):
-            if keep >= size and self.share >= 1.0:  # the bank keeps every row, in the order they came
-                local = np.arange(size)
-            elif keep > 0:
-                start = coreset.shard_start(self.seed, index, size)
-                local = coreset.greedy_coreset(store, keep, self.projection_dim, self.seed, start=start)
-            else:
-                local = np.empty(0, dtype=np.int64)
+            local = picks(store, keep, index, self.share, self.projection_dim, self.seed)
             rows = store.take(local)
         with self.timings.stage("store"):
             self.picks.append(rows)
         store.path.unlink()
         self.sizes.append(size)
         self.kept.append(keep)
-        self.sources.append(local.astype(np.int64) + first)
+        self.sources.append(local + first)
         if not last:
             self.shard = StoreWriter(self.folder / f"shard-{index + 1}.npy", self.dim)
 
     def _too_small(self, rows: int, what: str) -> ConfigError:
-        return ConfigError(
-            f"--max-memory {format_bytes(self.budget)} is too small for the coreset of {what}; give at least "
-            f"{format_bytes(coreset.budget_for(rows, self.width))}"
-        )
+        return too_small(self.budget, self.width, rows, what)

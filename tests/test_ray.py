@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from patchcore_cli import bank as bank_io
 from patchcore_cli.cli import app
+from patchcore_cli.coreset import budget_for
 from tests.conftest import TINY_OPTIONS
 
 ray = pytest.importorskip("ray")
@@ -242,3 +244,114 @@ def test_benchmark_error_is_the_local_error(ray_cluster, washer: Path, tmp_path:
     assert on_ray.exit_code == local.exit_code == 3, on_ray.output
     assert on_ray.stderr.splitlines()[-1] == local.stderr.splitlines()[-1]
     assert "broken.png" in on_ray.stderr
+
+
+# --- fit --------------------------------------------------------------------------------------------
+
+TWO_IMAGES = str(budget_for(2 * 64, 128))  # 64 px crops: 8 x 8 patches, distances on the 128-d projection
+
+
+def _fit_record(result) -> dict:
+    """`fit --json` without what differs between two runs of the same fit: the output path and seconds."""
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    return {key: value for key, value in record.items() if key not in ("bank", "timings_s")}
+
+
+def _contents(path: Path) -> list:
+    """Everything a bank file holds but its creation time, member by member."""
+    bank = bank_io.load(path)
+    whole = (bank.config, bank.calibration, bank.n_train_images, bank.n_patches, bank.calibration_sample)
+    return [
+        whole,
+        *[(p.memory_bank.tobytes(), p.config, p.calibration, p.weights_sha256) for p in bank.parts],
+    ]
+
+
+@pytest.fixture(scope="module")
+def ragged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six images of different shapes: with framing aspect their patch counts differ."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("ray-ragged")
+    rng = np.random.default_rng(8)
+    for number, size in enumerate([(96, 96), (150, 96), (96, 160), (200, 100), (120, 96), (96, 96)]):
+        Image.fromarray(rng.integers(90, 160, (size[1], size[0], 3), dtype=np.uint8)).save(
+            folder / f"{number}.png"
+        )
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("case", "passes"),
+    [
+        (["--max-memory", TWO_IMAGES], [4]),  # four shards on two worker nodes
+        (["--framing", "aspect", "--max-memory", str(budget_for(3 * 96, 128))], [2]),  # framing tasks first
+        (["--backbone", "resnet18+efficientnet_lite0", "--threads", "1"], [1, 1]),  # one pass per member
+    ],
+    ids=["shards", "aspect", "ensemble"],
+)
+def test_fit_matches_the_local_fit(
+    ray_cluster, washer: Path, ragged: Path, tmp_path: Path, case: list, passes: list
+) -> None:
+    """The same bank, bit for bit, and the same report, with the shards' tasks on the worker nodes.
+    EfficientNet-Lite rounds differently on one thread, as the workers here run: the ensemble fits on one
+    thread both ways (docs/cluster.md)."""
+    images = ragged if "aspect" in case else washer / "train" / "good"
+    args = [images, *TINY_OPTIONS, *case, "--json"]
+    local = invoke("fit", *args, "--out", tmp_path / "local.st")
+    on_ray = invoke("fit", *args, "--out", tmp_path / "ray.st", "--ray")
+    assert _fit_record(on_ray) == _fit_record(local)
+    assert _contents(tmp_path / "ray.st") == _contents(tmp_path / "local.st")
+    assert json.loads(on_ray.stdout)["coreset_passes"] == passes
+
+
+@pytest.mark.parametrize("framing", ["whole", "aspect"])
+def test_fit_errors_are_the_local_errors_and_keep_the_old_bank(
+    ray_cluster, washer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, framing: str
+) -> None:
+    """Two bad images in different shards: the first one is reported, named as given (a relative path the
+    workers do not share), with the local exit code; the bank already at --out is left as it was."""
+    train = tmp_path / "train"
+    train.mkdir()
+    for image in sorted((washer / "train" / "good").iterdir()):
+        (train / image.name).write_bytes(image.read_bytes())
+    (train / "003b.png").write_bytes(b"not a png")  # image 4 of 10: the third shard of two images
+    (train / "006b.png").write_bytes(b"")  # image 8: the fifth shard, which may well finish first
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bank.st"
+    assert invoke("fit", washer / "train" / "good", "--out", out, *TINY_OPTIONS).exit_code == 0
+    before = out.read_bytes()
+    args = ["fit", "train", "--out", out, "--max-memory", TWO_IMAGES, "--framing", framing, *TINY_OPTIONS]
+    local = invoke(*args)
+    on_ray = invoke(*args, "--ray")
+    assert on_ray.exit_code == local.exit_code == 3, on_ray.output
+    assert on_ray.stderr.splitlines()[-1] == local.stderr.splitlines()[-1]
+    assert "train/003b.png: not an image file" in on_ray.stderr.splitlines()[-1]
+    assert out.read_bytes() == before
+    update = invoke("fit", "train", "--update", out, "--ray")
+    assert update.exit_code == 2 and "--update runs on this machine; drop --ray" in update.stderr
+
+
+def test_gather_raises_the_first_error_in_task_order(ray_cluster) -> None:
+    """A later task's error that arrives first waits for the earlier tasks, whose own error wins."""
+    import time
+
+    from patchcore_cli import distributed
+    from patchcore_cli.engine import _Silent
+    from patchcore_cli.errors import ConfigError, InputError
+
+    @ray.remote(num_cpus=0)
+    def after(seconds: float, value: object) -> object:
+        time.sleep(seconds)
+        return value
+
+    refs = [
+        after.remote(0, "ok"),
+        after.remote(3, InputError("first")),
+        after.remote(0, ConfigError("later")),
+    ]
+    with pytest.raises(InputError, match="first"):
+        distributed._gather(refs, _Silent(), [1, 1, 1])
+    assert distributed._gather([after.remote(0, "a"), after.remote(0, "b")], _Silent(), [1, 1]) == ["a", "b"]

@@ -31,8 +31,8 @@ from patchcore_cli.coreset import (
     working_set,
 )
 from patchcore_cli.data import list_images
-from patchcore_cli.errors import BankError, ConfigError
-from patchcore_cli.sharding import MAX_MEMORY, ShardedCoreset, default_max_memory
+from patchcore_cli.errors import BankError, ConfigError, InputError, WeightsError
+from patchcore_cli.sharding import MAX_MEMORY, Shard, ShardedCoreset, default_max_memory, picks, plan
 from patchcore_cli.store import ImageRows, Store, StoreWriter
 from tests.conftest import TINY_CONFIG, TINY_OPTIONS
 
@@ -265,6 +265,47 @@ def test_sharded_coreset_keeping_everything_keeps_the_order(tmp_path):
     np.testing.assert_array_equal(chosen.source, np.arange(300))
 
 
+@pytest.mark.parametrize(
+    ("max_rows", "share"), [(150, 0.1), (400, 0.1), (10**4, 0.1), (100, 1.0), (90, 0.003)]
+)
+def test_plan_cuts_the_shards_and_picks_of_a_sharded_coreset(tmp_path, max_rows, share):
+    """Planned before any row is seen, then taken shard by shard with `picks`: the streamed coreset."""
+    rng = np.random.default_rng(9)
+    counts = rng.integers(20, 60, 40).tolist()
+    rows = rng.standard_normal((sum(counts), 24)).astype(np.float32)
+    budget = budget_for(max_rows, 8)
+    chosen = run_sharded(tmp_path, rows, counts, budget, share=share)
+    shards = plan(counts, [f"image-{i}" for i in range(len(counts))], share, 24, 8, budget)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    assert [(s.lo, s.hi) for s in shards] == [
+        (int(np.searchsorted(offsets, lo)), int(np.searchsorted(offsets, hi)))
+        for lo, hi in shard_runs(counts, max_rows)
+    ]
+    assert len(shards) == chosen.passes and [s.rows for s in shards] == [
+        hi - lo for lo, hi in shard_runs(counts, max_rows)
+    ]
+    assert (shards[0].index is None) == (len(shards) == 1)
+    source = []
+    for shard in reversed(shards):  # in any order: each pass depends only on its rows and its index
+        lo, hi = offsets[shard.lo], offsets[shard.hi]
+        taken = picks(rows[lo:hi], shard.keep, shard.index, share, 8, 3)
+        assert len(taken) == shard.keep >= shard.part
+        source.insert(0, lo + taken[: shard.part])
+    np.testing.assert_array_equal(np.concatenate(source), chosen.source)
+
+
+def test_plan_refuses_an_image_larger_than_one_pass_as_the_stream_does(tmp_path):
+    budget = budget_for(50, 8)
+    with pytest.raises(ConfigError) as planned:
+        plan([30, 64, 70], ["a.png", "b.png", "c.png"], 0.1, 24, 8, budget)
+    streamed = ShardedCoreset(tmp_path, 24, 0.1, 8, 3, budget, engine.Timings())
+    streamed.add(np.zeros((30, 24), np.float32), "a.png")
+    with pytest.raises(ConfigError) as added:
+        streamed.add(np.zeros((64, 24), np.float32), "b.png")
+    assert planned.value.message == added.value.message
+    assert "one image's 64 patches (b.png)" in planned.value.message
+
+
 def test_sharded_coreset_refuses_an_image_larger_than_one_pass(tmp_path):
     shards = ShardedCoreset(tmp_path, 24, 0.1, 8, 3, budget_for(50, 8), engine.Timings())
     with pytest.raises(ConfigError, match=r"too small for the coreset of one image's 64 patches \(a\.png\)"):
@@ -365,6 +406,71 @@ def test_streamed_fit_of_ragged_images_equals_the_reference(ragged, config, tmp_
     np.testing.assert_array_equal(result.bank.memory_bank, bank)
     assert result.bank.calibration == calibration
     assert list(tmp_path.iterdir()) == []
+
+
+def fit_apart(paths, config, budget, tmp_path):
+    """A fit planned from the images' patch counts, its shards fitted one by one in reverse order and
+    put together: what `fit --ray` does, without Ray."""
+    names = [str(path) for path in paths]
+    extractor = engine.Extractor(config)
+    views = engine.view_sizes(config)
+    views = [views] * len(paths) if views else engine.frame_images(paths, config, 10**8)
+    counts, jobs = engine.plan_fit(names, config, extractor, views, budget)
+    fits = [
+        engine.fit_shard(paths[job.first : job.last], config, job, 10**8, tmp_path) for job in reversed(jobs)
+    ][::-1]
+    assert list(tmp_path.iterdir()) == []
+    member = engine.fit_from_shards(
+        names, config, extractor, jobs, fits, counts, engine.Timings(), engine._Silent()
+    )
+    return engine.combine_members([member], config, len(paths), engine.Timings()), jobs
+
+
+@pytest.mark.parametrize(
+    ("framing", "max_rows"), [("whole", 7 * PATCHES), ("whole", None), ("aspect", 3 * 96), ("tile", 1600)]
+)
+def test_shards_fitted_apart_give_the_streamed_fit(train, ragged, config, tmp_path, framing, max_rows):
+    """Bit for bit: bank rows, calibration, patch count, passes and the stored sample (None: the default
+    budget, one pass). A pass of seven of the eight square images leaves the last shard one image, which
+    resnet18 embeds differently in a batch of its own: its job embeds the whole batch around it."""
+    paths = train if framing == "whole" else ragged
+    config = dataclasses.replace(config, framing=framing, tile_size=48 if framing == "tile" else 0)
+    budget = default_max_memory() if max_rows is None else budget_for(max_rows, WIDTH)
+    apart, jobs = fit_apart(paths, config, budget, tmp_path)
+    streamed = engine.fit(paths, config, max_memory=budget, work_dir=tmp_path)
+    assert apart.coreset_passes == streamed.coreset_passes == [len(jobs)]
+    assert (len(jobs) > 1) == (max_rows is not None)
+    np.testing.assert_array_equal(apart.bank.memory_bank, streamed.bank.memory_bank)
+    assert apart.bank.calibration == streamed.bank.calibration
+    assert apart.bank.calibration_sample == streamed.bank.calibration_sample
+    assert apart.n_patches == streamed.n_patches == apart.bank.n_patches
+    assert apart.bank.config == streamed.bank.config
+    if max_rows == 7 * PATCHES:
+        assert [(job.shard.lo, job.shard.hi, job.first, job.last) for job in jobs] == [
+            (0, 7, 0, 8),
+            (7, 8, 0, 8),
+        ]
+
+
+def test_fit_from_shards_refuses_other_weights_and_other_counts(config):
+    """A worker with other weights, or an image whose patch count changed since the plan: no bank."""
+    extractor = engine.Extractor(config)
+    job = engine.ShardJob(Shard(None, 0, 2, 128, 12, 12), 0, 2, ())
+    rows = np.zeros((12, extractor.dim), np.float32)
+    part = engine.ShardFit(rows, np.arange(12), [64, 64], [[(8, 8)]] * 2, [], [], "0123456789abcdef")
+    args = (["a.png", "b.png"], config, extractor, [job], [part])
+    with pytest.raises(WeightsError, match="a worker found weights with sha256 0123456789ab, this machine"):
+        engine.fit_from_shards(*args, [64, 64], engine.Timings(), engine._Silent())
+    part.weights_sha256 = extractor.loaded.weights_sha256
+    with pytest.raises(InputError, match=r"^b\.png: 64 patches when fitted, 80 when the shards were planned"):
+        engine.fit_from_shards(*args, [64, 80], engine.Timings(), engine._Silent())
+
+
+def test_batch_bounds_follow_embed_paths():
+    assert engine.batch_bounds([1] * 10, 4) == [0, 4, 8, 10]
+    assert engine.batch_bounds([1] * 8, 4) == [0, 4, 8]
+    assert engine.batch_bounds([3, 3, 9, 1, 1], 4) == [0, 2, 3, 5]  # a batch ends once it holds 4 views
+    assert engine.batch_bounds([], 4) == [0]
 
 
 def test_fit_removes_its_work_files_on_error(train, config, tmp_path, monkeypatch):
