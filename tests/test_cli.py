@@ -209,7 +209,7 @@ def test_preset_is_recorded_in_the_bank_and_options_override_it(washer, tmp_path
     assert result.exit_code == 0, result.output
     stored = json.loads(result.stdout)["config"]
     # The preset's framing and weighting reach the bank; the command line's backbone and crop win over it.
-    assert (stored["framing"], stored["stage_weighting"]) == ("whole", "equal")
+    assert (stored["framing"], stored["stage_weighting"]) == ("whole", "none")
     assert (stored["backbone"], stored["crop"]) == ("resnet18", 64)
     assert invoke("score", washer / "test", "--bank", path, "--json").exit_code == 0
 

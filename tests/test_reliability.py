@@ -478,7 +478,7 @@ BANKS = [
         "config-invalid-value",
         _resaved(_config(crop=5000)),
         [],
-        ["config stored in the bank", "crop must be between 32 and 4096, got 5000"],
+        ["config stored in the bank", "between 32 and 4096, got 5000"],
     ),
     ("config-unknown-backbone", _resaved(_config(backbone="resnet9000")), [], ["unknown backbone"]),
     (
