@@ -724,26 +724,26 @@ def fit(
     import ray
 
     from patchcore_cli import __version__
-    from patchcore_cli.config import members, resolve_crop
+    from patchcore_cli.config import members
     from patchcore_cli.data import DEFAULT_MAX_PIXELS
     from patchcore_cli.engine import (
         Extractor,
         Timings,
         _Silent,
+        auto_crop,
         check_fit_images,
         combine_members,
         fit_from_shards,
         patch_counts,
         plan_fit,
         set_threads,
-        shorter_sides,
         view_sizes,
     )
     from patchcore_cli.sharding import default_max_memory, plan
 
     progress = progress or _Silent()
     check_fit_images(paths)
-    config = resolve_crop(config, shorter_sides(paths))  # `crop: auto`, read from headers as a local fit does
+    config = auto_crop(config, paths)  # `crop: auto`, from the headers, as a local fit resolves it
     timings = Timings()
     limit = max_pixels or DEFAULT_MAX_PIXELS
     budget = default_max_memory() if max_memory is None else max_memory
