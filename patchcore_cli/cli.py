@@ -141,6 +141,14 @@ LayersOpt = Annotated[
     str | None, typer.Option("--layers", help="Backbone stages to use, e.g. layer2,layer3 (default).")
 ]
 CoresetOpt = Annotated[float | None, typer.Option("--coreset", help="Coreset ratio in (0, 1]; default 0.1.")]
+CoresetMaxRowsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--coreset-max-rows",
+        help="The most rows a bank keeps, 0 for no cap; past it the ratio falls. Default 100000.",
+        show_default=False,
+    ),
+]
 DimOpt = Annotated[int | None, typer.Option("--dim", help="Embedding dimension cap; default 1024.")]
 ReductionOpt = Annotated[
     str | None,
@@ -343,6 +351,7 @@ def fit(
     weights: WeightsOpt = None,
     layers: LayersOpt = None,
     coreset: CoresetOpt = None,
+    coreset_max_rows: CoresetMaxRowsOpt = None,
     dim: DimOpt = None,
     reduction: ReductionOpt = None,
     stage_weighting: WeightingOpt = None,
@@ -1009,6 +1018,7 @@ _FIT_OPTIONS = (
     "weights",
     "layers",
     "coreset",
+    "coreset_max_rows",
     "dim",
     "reduction",
     "stage_weighting",
@@ -1049,6 +1059,7 @@ def benchmark_mvtec(
     weights: WeightsOpt = None,
     layers: LayersOpt = None,
     coreset: CoresetOpt = None,
+    coreset_max_rows: CoresetMaxRowsOpt = None,
     dim: DimOpt = None,
     reduction: ReductionOpt = None,
     stage_weighting: WeightingOpt = None,
@@ -1149,6 +1160,7 @@ def benchmark_folder(
     weights: WeightsOpt = None,
     layers: LayersOpt = None,
     coreset: CoresetOpt = None,
+    coreset_max_rows: CoresetMaxRowsOpt = None,
     dim: DimOpt = None,
     reduction: ReductionOpt = None,
     stage_weighting: WeightingOpt = None,

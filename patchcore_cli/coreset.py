@@ -215,12 +215,28 @@ def apportion(total: int, sizes: np.ndarray) -> np.ndarray:
     return parts
 
 
-def provisional_keep(rows: int, share: float) -> int:
+def bank_size(total: int, share: float, cap: int = 0) -> int:
+    """Rows of the coreset of `total` rows: max(1, round(share * total)), at most `cap` rows when cap > 0
+    (`coreset_max_rows`), at most `total`."""
+    size = max(1, round(share * total))
+    if cap > 0:
+        size = min(size, cap)
+    return min(total, size)
+
+
+def provisional_keep(rows: int, share: float, cap: int = 0, seen: int = 0) -> int:
     """Picks to take from a shard of `rows` rows before the bank's size is known: ceil(share * rows) + 1, at
     most rows. That covers the shard's part (`apportion`) of any bank of at most share * total + 1/2 rows
     (or of one row), a part of at most ceil(share * rows + 1/2); `greedy_coreset`'s prefix property trims
-    the picks to it later."""
-    return min(rows, math.ceil(share * rows) + 1)
+    the picks to it later.
+
+    With a cap on the bank (`bank_size`), a part is also at most ceil(cap * rows / total), and `seen`, the
+    rows known so far (this shard's included, or all of them when known up front), is at most the total:
+    so ceil(cap * rows / seen) + 1 picks cover it too, and far fewer are taken once the cap binds."""
+    keep = math.ceil(share * rows) + 1
+    if cap > 0 and seen > 0:
+        keep = min(keep, -(-cap * rows // seen) + 1)
+    return min(rows, keep)
 
 
 def shard_start(seed: int, index: int, rows: int) -> int:

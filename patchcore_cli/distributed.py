@@ -766,7 +766,15 @@ def fit(
             # As a local fit, which meets it first, fails on an image too large for one pass before it.
             for (member, _), extractor in zip(parts, extractors, strict=True):
                 counts = patch_counts(extractor, framed[:bad])
-                plan(counts, names, member.coreset, extractor.dim, member.projection_dim, budget)
+                plan(
+                    counts,
+                    names,
+                    member.coreset,
+                    extractor.dim,
+                    member.projection_dim,
+                    budget,
+                    member.coreset_max_rows,
+                )
             raise framed[bad]
         plans = [
             plan_fit(names, member, extractor, framed, budget)

@@ -544,9 +544,19 @@ def _fit_member(
     with timings.stage("load backbone"):
         extractor = Extractor(config)
     sample = calibration_sample(len(paths), config.calibration_images, config.seed)
+    fixed = view_sizes(config)  # whole, crop: every image's patch count is known before it is read
+    expected = sum(patch_counts(extractor, [fixed] * len(paths))) if fixed is not None else 0
     with work_folder(work_dir) as work:
         shards = ShardedCoreset(
-            work, extractor.dim, config.coreset, config.projection_dim, config.seed, budget, timings
+            work,
+            extractor.dim,
+            config.coreset,
+            config.projection_dim,
+            config.seed,
+            budget,
+            timings,
+            cap=config.coreset_max_rows,
+            expected=expected,
         )
         training = stream_images(
             paths, extractor, shards, sample, work / "calibration.npy", timings, progress, max_pixels
@@ -669,7 +679,9 @@ def plan_fit(
     from patchcore_cli.sharding import plan
 
     counts = patch_counts(extractor, views)
-    shards = plan(counts, names, config.coreset, extractor.dim, config.projection_dim, budget)
+    shards = plan(
+        counts, names, config.coreset, extractor.dim, config.projection_dim, budget, config.coreset_max_rows
+    )
     bounds = batch_bounds([len(sizes) for sizes in views], config.batch_size)
     sample = calibration_sample(len(views), config.calibration_images, config.seed).tolist()
     jobs = [
@@ -946,6 +958,7 @@ def update(
     paths the bank is returned unchanged.
     """
     from patchcore_cli import device
+    from patchcore_cli.coreset import bank_size
     from patchcore_cli.data import DEFAULT_MAX_PIXELS
     from patchcore_cli.sharding import ShardedCoreset, default_max_memory, work_folder
     from patchcore_cli.store import CHUNK_ROWS
@@ -985,7 +998,7 @@ def update(
             with timings.stage("store"):
                 added = writer.close()
         rows = old_rows + added.rows
-        target = min(rows, max(1, round(config.coreset * (n_patches + added.rows))))
+        target = min(rows, bank_size(n_patches + added.rows, config.coreset, config.coreset_max_rows))
         shards = ShardedCoreset(
             work, extractor.dim, target / rows, config.projection_dim, config.seed, budget, timings
         )

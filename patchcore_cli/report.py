@@ -66,6 +66,14 @@ def consistency_text(check: dict[str, Any]) -> str:
     return f"{verdict} the measured FPR's {confidence} % interval"
 
 
+def _cap_text(config: dict[str, Any], n_patches: int) -> str:
+    """', capped: ...' when --coreset-max-rows kept the bank below its share of the patches, else ''."""
+    cap = int(config.get("coreset_max_rows") or 0)
+    if not cap or round(config["coreset"] * n_patches) <= cap:
+        return ""
+    return f", capped at --coreset-max-rows {cap:,}: {cap / n_patches:.2%} of the patches"
+
+
 def fit_table(result: FitResult, out: Path) -> Table:
     from rich.markup import escape
     from rich.table import Table
@@ -89,7 +97,8 @@ def fit_table(result: FitResult, out: Path) -> Table:
     table.add_row(
         "bank",
         " + ".join(f"{p.memory_bank.shape[0]:,} x {p.memory_bank.shape[1]}" for p in bank.parts)
-        + f" ({bank.nbytes / 1e6:.1f} MB)",
+        + f" ({bank.nbytes / 1e6:.1f} MB)"
+        + _cap_text(bank.config, result.n_patches),
     )
     for stage, seconds in result.timings.seconds.items():
         table.add_row(f"time: {stage}", f"{seconds:.2f} s")

@@ -7,7 +7,8 @@ greedy pass may hold within the budget (`coreset.max_rows_for`), the shard is cl
 file is deleted. So the disk holds one shard and the picks, and memory one greedy pass, whatever the number
 of images.
 
-At the end the bank's size is known: by default the one-pass size max(1, round(ratio * N)). It is shared
+At the end the bank's size is known: by default the one-pass size max(1, round(ratio * N)), at most
+`coreset_max_rows` (`coreset.bank_size`). It is shared
 among the shards in proportion to their rows (`coreset.apportion`), and each shard's picks are cut to its
 part: the first k picks of a greedy coreset are the greedy coreset of k. When every row fits one shard, the
 coreset is that one pass, exactly `greedy_coreset` of all the rows with its default start: a fit within its
@@ -137,11 +138,13 @@ def plan(
     dim: int,
     projection_dim: int | None,
     budget: int,
+    cap: int = 0,
 ) -> list[Shard]:
     """The shards a `ShardedCoreset` cuts from images of `counts` patches (`names` name them in errors) and
     the picks it takes from each: the same boundaries, the same provisional and final picks, the same
     ConfigError for an image larger than one pass. The bank is the first `part` picks of each shard, shard
-    after shard."""
+    after shard. `cap` > 0 caps the bank's rows (`coreset.bank_size`); the total is known here, so each
+    shard picks no more than its part of the capped bank (plus one)."""
     width = dim if projection_dim is None else min(dim, projection_dim)
     max_rows = coreset.max_rows_for(budget, width)
     runs: list[tuple[int, int, int]] = []
@@ -155,12 +158,12 @@ def plan(
         rows += count
     runs.append((first, len(counts), rows))
     total = sum(rows for _, _, rows in runs)
-    target = min(total, max(1, round(share * total)))
+    target = coreset.bank_size(total, share, cap)
     if len(runs) == 1:
         return [Shard(None, 0, len(counts), total, target, target)]
     sizes = np.array([rows for _, _, rows in runs])
     parts = coreset.apportion(target, sizes)
-    keeps = [coreset.provisional_keep(int(size), share) for size in sizes[:-1]] + [int(parts[-1])]
+    keeps = [coreset.provisional_keep(int(size), share, cap, total) for size in sizes[:-1]] + [int(parts[-1])]
     if (parts > np.array(keeps)).any():
         raise ValueError(f"a bank of {target} rows needs more than the shards picked; share is too small")
     return [
@@ -180,7 +183,11 @@ def too_small(budget: int, width: int, rows: int, what: str) -> ConfigError:
 class ShardedCoreset:
     """The greedy coreset of rows added in order, in shards that each fit `budget` bytes (see the module
     docstring). `share` is the bank's share of the rows, the fit's coreset ratio; an update, whose bank
-    size is not a share of its rows, gives its exact share. Work files go to `folder`."""
+    size is not a share of its rows, gives its exact share. `cap` > 0 caps the bank's rows
+    (`coreset.bank_size`). `expected`, the total rows when known before they arrive (a fit whose framing
+    fixes every image's patch count), lets each shard pick only its part of a capped bank; without it a
+    shard picks for the rows seen so far, more than it needs, and the bank is the same. It must not exceed
+    the rows added. Work files go to `folder`."""
 
     def __init__(
         self,
@@ -191,8 +198,10 @@ class ShardedCoreset:
         seed: int,
         budget: int,
         timings: Timings,
+        cap: int = 0,
+        expected: int = 0,
     ) -> None:
-        self.folder, self.dim, self.share = folder, dim, share
+        self.folder, self.dim, self.share, self.cap, self.expected = folder, dim, share, cap, expected
         self.projection_dim, self.seed, self.budget, self.timings = projection_dim, seed, budget, timings
         self.width = dim if projection_dim is None else min(dim, projection_dim)
         self.max_rows = coreset.max_rows_for(budget, self.width)
@@ -224,11 +233,13 @@ class ShardedCoreset:
             at += take
 
     def finish(self, target: int | None = None) -> Coreset:
-        """The bank of `target` rows (default: the one-pass size max(1, round(share * N))), at most N."""
+        """The bank of `target` rows (default: the one-pass size, `coreset.bank_size`), at most N."""
         if self.total == 0:
             raise ValueError("no rows to take a coreset of")
+        if self.expected > self.total:
+            raise ValueError(f"{self.total} rows arrived, fewer than the {self.expected} expected")
         if target is None:
-            target = max(1, round(self.share * self.total))
+            target = coreset.bank_size(self.total, self.share, self.cap)
         target = min(self.total, target)
         if not self.sizes:
             return self._one_pass(target)
@@ -270,7 +281,7 @@ class ShardedCoreset:
             store = self.shard.close()
         size = store.rows
         if keep is None:
-            keep = coreset.provisional_keep(size, self.share)
+            keep = coreset.provisional_keep(size, self.share, self.cap, max(self.total, self.expected))
         with self.timings.stage("coreset"):
             local = picks(store, keep, index, self.share, self.projection_dim, self.seed)
             rows = store.take(local)

@@ -22,6 +22,7 @@ from patchcore_cli import coreset, engine
 from patchcore_cli.cli import app
 from patchcore_cli.coreset import (
     apportion,
+    bank_size,
     budget_for,
     greedy_coreset,
     max_rows_for,
@@ -168,6 +169,33 @@ def test_provisional_picks_cover_every_final_share(share):
         assert (apportion(target, sizes) <= keeps).all()
 
 
+@pytest.mark.parametrize("share", [0.01, 0.1, 0.9])
+@pytest.mark.parametrize("cap", [1, 7, 50, 400])
+def test_capped_provisional_picks_cover_every_final_share(share, cap):
+    """With a cap on the bank, a shard picks for the rows seen so far (streamed) or for all of them
+    (planned): either way enough for its part, and planned never more than its part + 1."""
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        sizes = rng.integers(1, 500, rng.integers(2, 9))
+        total = int(sizes.sum())
+        target = bank_size(total, share, cap)
+        assert target == min(total, max(1, round(share * total)), cap)
+        parts = apportion(target, sizes)
+        streamed = [
+            provisional_keep(int(size), share, cap, int(seen))
+            for size, seen in zip(sizes, sizes.cumsum(), strict=True)
+        ]
+        planned = [provisional_keep(int(size), share, cap, total) for size in sizes]
+        assert (parts <= streamed).all() and (parts <= planned).all()
+        assert (np.array(planned) <= parts + 2).all()
+
+
+def test_bank_size_without_a_cap_is_the_share():
+    assert bank_size(1000, 0.1) == bank_size(1000, 0.1, 0) == 100
+    assert bank_size(1000, 0.1, 60) == 60 and bank_size(1000, 0.1, 500) == 100
+    assert bank_size(3, 0.1, 5) == 1 and bank_size(3, 1.0, 2) == 2
+
+
 def test_budget_arithmetic_is_consistent():
     width = 128
     assert max_rows_for(budget_for(1000, width), width) == 1000
@@ -245,6 +273,42 @@ def test_sharded_coreset_equals_the_reference_of_its_shards(tmp_path, max_rows):
     np.testing.assert_array_equal(chosen.rows, rows[expected])
 
 
+@pytest.mark.parametrize("expected", [False, True], ids=["streamed", "total-known"])
+def test_capped_sharded_coreset_is_the_reference_with_fewer_picks(tmp_path, expected):
+    """A cap below the share: the bank is the hierarchical coreset of `cap` rows, the same whether or not
+    the total was known up front; knowing it, each shard picks no more than its part + 1."""
+    rng = np.random.default_rng(5)
+    counts = rng.integers(20, 60, 40).tolist()
+    rows = rng.standard_normal((sum(counts), 24)).astype(np.float32)
+    cap = 61  # the share would keep round(0.1 * rows) = 150-ish
+    shards = ShardedCoreset(
+        tmp_path, 24, 0.1, 8, 3, budget_for(400, 8), engine.Timings(), cap=cap,
+        expected=len(rows) if expected else 0,
+    )  # fmt: skip
+    at = 0
+    for number, count in enumerate(counts):
+        shards.add(rows[at : at + count], f"image-{number}")
+        at += count
+    uncapped = [provisional_keep(size, 0.1) for size in shards.sizes]
+    chosen = shards.finish()
+    assert len(chosen.source) == cap < round(0.1 * len(rows))
+    np.testing.assert_array_equal(chosen.source, reference_coreset(rows, counts, 400, 0.1, 8, 3, target=cap))
+    parts = apportion(cap, np.array([hi - lo for lo, hi in shard_runs(counts, 400)]))
+    kept = np.array(shards.kept[:-1])
+    assert (kept <= np.array(uncapped)).all() and kept.sum() < sum(uncapped)
+    if expected:
+        assert (np.array(shards.kept) <= parts + 2).all()
+
+
+def test_sharded_coreset_refuses_fewer_rows_than_expected(tmp_path):
+    shards = ShardedCoreset(
+        tmp_path, 24, 0.1, 8, 3, budget_for(400, 8), engine.Timings(), cap=5, expected=100
+    )
+    shards.add(np.ones((50, 24), dtype=np.float32), "image-0")
+    with pytest.raises(ValueError, match="fewer than the 100 expected"):
+        shards.finish()
+
+
 def test_sharded_coreset_splits_rows_given_without_an_image(tmp_path):
     """An update streams the old bank's rows first; they may be cut anywhere, its images may not."""
     rng = np.random.default_rng(6)
@@ -266,16 +330,31 @@ def test_sharded_coreset_keeping_everything_keeps_the_order(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("max_rows", "share"), [(150, 0.1), (400, 0.1), (10**4, 0.1), (100, 1.0), (90, 0.003)]
+    ("max_rows", "share", "cap"),
+    [
+        (150, 0.1, 0),
+        (400, 0.1, 0),
+        (10**4, 0.1, 0),
+        (100, 1.0, 0),
+        (90, 0.003, 0),
+        (150, 0.1, 40),
+        (10**4, 0.5, 9),
+    ],
 )
-def test_plan_cuts_the_shards_and_picks_of_a_sharded_coreset(tmp_path, max_rows, share):
+def test_plan_cuts_the_shards_and_picks_of_a_sharded_coreset(tmp_path, max_rows, share, cap):
     """Planned before any row is seen, then taken shard by shard with `picks`: the streamed coreset."""
     rng = np.random.default_rng(9)
     counts = rng.integers(20, 60, 40).tolist()
     rows = rng.standard_normal((sum(counts), 24)).astype(np.float32)
     budget = budget_for(max_rows, 8)
-    chosen = run_sharded(tmp_path, rows, counts, budget, share=share)
-    shards = plan(counts, [f"image-{i}" for i in range(len(counts))], share, 24, 8, budget)
+    streamed = ShardedCoreset(tmp_path, 24, share, 8, 3, budget, engine.Timings(), cap=cap)
+    at = 0
+    for number, count in enumerate(counts):
+        streamed.add(rows[at : at + count], f"image-{number}")
+        at += count
+    chosen = streamed.finish()
+    shards = plan(counts, [f"image-{i}" for i in range(len(counts))], share, 24, 8, budget, cap)
+    assert sum(s.part for s in shards) == bank_size(len(rows), share, cap)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     assert [(s.lo, s.hi) for s in shards] == [
         (int(np.searchsorted(offsets, lo)), int(np.searchsorted(offsets, hi)))
@@ -392,6 +471,37 @@ def test_hierarchical_fit_equals_the_reference_of_its_shards(train, config, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_capped_fit_is_the_reference_coreset_of_cap_rows(train, config, tmp_path):
+    """A cap below the share, in one pass and in shards: the greedy coreset of `cap` rows, stored in the
+    bank's config, and a bank without the field (fitted before it existed) had no cap."""
+    training = training_patches(train, config)
+    capped = dataclasses.replace(config, coreset_max_rows=17)
+    one = engine.fit(train, capped, work_dir=tmp_path)
+    np.testing.assert_array_equal(
+        one.bank.memory_bank,
+        training.rows[greedy_coreset(training.rows, 17, config.projection_dim, config.seed)],
+    )
+    sharded = engine.fit(train, capped, max_memory=TWO_IMAGES, work_dir=tmp_path)
+    reference = reference_coreset(
+        training.rows,
+        [PATCHES] * 8,
+        2 * PATCHES,
+        config.coreset,
+        config.projection_dim,
+        config.seed,
+        target=17,
+    )
+    np.testing.assert_array_equal(sharded.bank.memory_bank, training.rows[reference])
+    assert one.bank.config["coreset_max_rows"] == 17
+    stored = {key: value for key, value in one.bank.config.items() if key != "coreset_max_rows"}
+    assert config_mod.from_bank(stored).coreset_max_rows == 0
+
+
+def test_coreset_max_rows_must_not_be_negative():
+    with pytest.raises(ConfigError, match="coreset_max_rows must be 0"):
+        config_mod.build(**TINY_CONFIG, coreset_max_rows=-1)
+
+
 @pytest.mark.parametrize("budget", [None, 3 * 96], ids=["one-pass", "shards"])
 def test_streamed_fit_of_ragged_images_equals_the_reference(ragged, config, tmp_path, budget):
     """Framing "aspect": images with 64 to 128 patches each, shards cut between images."""
@@ -427,14 +537,25 @@ def fit_apart(paths, config, budget, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("framing", "max_rows"), [("whole", 7 * PATCHES), ("whole", None), ("aspect", 3 * 96), ("tile", 1600)]
+    ("framing", "max_rows", "cap"),
+    [
+        ("whole", 7 * PATCHES, 0),
+        ("whole", None, 0),
+        ("aspect", 3 * 96, 0),
+        ("tile", 1600, 0),
+        ("whole", 3 * PATCHES, 20),
+        ("aspect", 3 * 96, 25),
+    ],
 )
-def test_shards_fitted_apart_give_the_streamed_fit(train, ragged, config, tmp_path, framing, max_rows):
+def test_shards_fitted_apart_give_the_streamed_fit(train, ragged, config, tmp_path, framing, max_rows, cap):
     """Bit for bit: bank rows, calibration, patch count, passes and the stored sample (None: the default
-    budget, one pass). A pass of seven of the eight square images leaves the last shard one image, which
-    resnet18 embeds differently in a batch of its own: its job embeds the whole batch around it."""
+    budget, one pass), with and without a cap on the bank's rows. A pass of seven of the eight square
+    images leaves the last shard one image, which resnet18 embeds differently in a batch of its own: its
+    job embeds the whole batch around it."""
     paths = train if framing == "whole" else ragged
-    config = dataclasses.replace(config, framing=framing, tile_size=48 if framing == "tile" else 0)
+    config = dataclasses.replace(
+        config, framing=framing, tile_size=48 if framing == "tile" else 0, coreset_max_rows=cap
+    )
     budget = default_max_memory() if max_rows is None else budget_for(max_rows, WIDTH)
     apart, jobs = fit_apart(paths, config, budget, tmp_path)
     streamed = engine.fit(paths, config, max_memory=budget, work_dir=tmp_path)
@@ -445,6 +566,8 @@ def test_shards_fitted_apart_give_the_streamed_fit(train, ragged, config, tmp_pa
     assert apart.bank.calibration_sample == streamed.bank.calibration_sample
     assert apart.n_patches == streamed.n_patches == apart.bank.n_patches
     assert apart.bank.config == streamed.bank.config
+    if cap:
+        assert len(apart.bank.memory_bank) == cap < round(config.coreset * apart.n_patches)
     if max_rows == 7 * PATCHES:
         assert [(job.shard.lo, job.shard.hi, job.first, job.last) for job in jobs] == [
             (0, 7, 0, 8),
@@ -585,6 +708,22 @@ def test_fit_reports_its_coreset_passes(washer, tmp_path):
     assert report["coreset_passes"] == [4] and report["bank_rows"] == 51 and report["bank_images"] == 8
     table = invoke("fit", good, "--out", tmp_path / "b.st", "--max-memory", TWO_IMAGES, *TINY_OPTIONS)
     assert "4 shards (--max-memory)" in table.stdout
+
+
+def test_fit_caps_the_bank_from_the_cli_and_says_so(washer, tmp_path):
+    good = washer / "train" / "good"
+    args = ("fit", good, "--out", tmp_path / "b.st", *TINY_OPTIONS)
+    result = invoke(*args, "--coreset-max-rows", "20", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["bank_rows"] == 20
+    assert bank_io.load(tmp_path / "b.st").config["coreset_max_rows"] == 20
+    assert (
+        "capped at --coreset-max-rows 20: 3.91% of the patches"
+        in invoke(*args, "--coreset-max-rows", "20").stdout
+    )
+    assert "capped" not in invoke(*args, "--coreset-max-rows", "51").stdout  # the share is 51 rows
+    bad = invoke(*args, "--coreset-max-rows", "-3")
+    assert bad.exit_code == 2 and "coreset_max_rows must be 0 (no cap)" in bad.output
 
 
 def test_benchmark_takes_the_budget(washer):
