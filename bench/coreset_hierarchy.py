@@ -51,8 +51,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one JSON document instead of text lines")
     args = parser.parse_args()
 
-    config = config_mod.build(backbone=args.backbone)
     paths = list_images([args.images])
+    config = engine.auto_crop(config_mod.build(backbone=args.backbone), paths)  # `crop: auto`, as fit does
     extractor = engine.Extractor(config)
     batches = engine.embed_paths(paths, [extractor], engine.Timings(), engine._Silent(), DEFAULT_MAX_PIXELS)
     training = engine.TrainingPatches.collect(batches)

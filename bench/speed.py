@@ -35,6 +35,17 @@ def split_of(dataset: str):
     return mvtec_category(folder.parent, folder.name)
 
 
+def search_path(scorer) -> dict | None:
+    """Which exact search path the index chose, and the trial seconds (checkouts before the dense path:
+    None)."""
+    index = (
+        getattr(getattr(scorer.parts[0], "search", None), "index", None) if hasattr(scorer, "parts") else None
+    )
+    if index is None or not hasattr(index, "trial"):
+        return None
+    return {"path": index.path, "trial_s": {k: round(v, 4) for k, v in index.trial.items()}}
+
+
 def main() -> None:
     from patchcore_cli import bank as bank_io
     from patchcore_cli.engine import Scorer, set_threads
@@ -72,6 +83,7 @@ def main() -> None:
                 "images_per_s": round(count / seconds, 2),
                 "ms_per_image": {k: round(1000 * v / count, 2) for k, v in stages.items()},
                 "bare_forward_images_per_s": round(bare_forward_throughput(scorer.extractor), 1),
+                "search_path": search_path(scorer),
                 "image_auroc": round(evaluation.image["image_auroc"], 4),
                 "pixel_auroc": round(evaluation.pixel["pixel_auroc"], 4),
                 "aupro": round(evaluation.pixel["aupro"], 4),

@@ -109,6 +109,7 @@ def warm_up() -> list[Warmed]:
     def find() -> None:
         index = search.ClusterIndex(points, sources)
         index.nearest(points[:16], sources[:16])
+        index.nearest_dense(points[:16], sources[:16])
         index.neighbours(points[:1], 3, sources[:1])
 
     return [_timed("coreset", coreset, pick), _timed("search", search, find)]

@@ -94,12 +94,17 @@ def test_read_only_queries_compile_nothing_new():
     queries = rng.standard_normal((5, 8)).astype(np.float32)
     index.nearest(queries)
     index.neighbours(queries[:1], 3)
-    counts = (len(search._nearest.signatures), len(search._neighbours.signatures))
+    index.path = "dense"
+    index.nearest(queries)
+    kernels = (search._nearest, search._neighbours, search._dense_nearest)
+    counts = [len(kernel.signatures) for kernel in kernels]
     frozen = queries.copy()
     frozen.flags.writeable = False  # as a row of a memory-mapped bank is
     np.testing.assert_array_equal(index.nearest(frozen)[1], index.nearest(queries)[1])
+    index.path = "clusters"
+    np.testing.assert_array_equal(index.nearest(frozen)[1], index.nearest(queries)[1])
     index.neighbours(frozen[:1], 3)
-    assert (len(search._nearest.signatures), len(search._neighbours.signatures)) == counts
+    assert [len(kernel.signatures) for kernel in kernels] == counts
 
 
 @pytest.mark.slow
@@ -126,7 +131,9 @@ print(json.dumps([warmed, signatures()]))
     warmed, after = json.loads(python(code).strip().splitlines()[-1])
     assert after == warmed
     assert (
-        warmed["patchcore_cli.coreset._greedy_kcenter"] == 1 and warmed["patchcore_cli.search._nearest"] == 1
+        warmed["patchcore_cli.coreset._greedy_kcenter"] == 1
+        and warmed["patchcore_cli.search._nearest"] == 1
+        and warmed["patchcore_cli.search._dense_nearest"] == 1
     )
 
 
