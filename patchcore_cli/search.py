@@ -167,6 +167,8 @@ class ClusterIndex:
             self.trial[path] = time.perf_counter() - began
         same = all(np.array_equal(a, b) for a, b in zip(found["clusters"], found["dense"], strict=True))
         self.path = min(self.trial, key=self.trial.__getitem__) if same else "clusters"
+        if self.path == "clusters":
+            self._dense = None  # the bfloat16 copy of the bank is not needed any more
 
     def nearest_clusters(self, queries: np.ndarray, skips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`nearest` by bounds 1 to 3 (float32 C-contiguous writable queries, one skip id each)."""

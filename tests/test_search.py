@@ -243,5 +243,5 @@ def test_the_trial_keeps_the_clusters_if_the_dense_answers_ever_differ(monkeypat
     monkeypatch.setattr(index, "nearest_dense", off_by_one)
     monkeypatch.setattr(index, "trial", {"clusters": 9.0, "dense": 0.0})
     index._choose(queries, np.full(len(queries), -1, np.int64))
-    assert index.path == "clusters"
+    assert index.path == "clusters" and index._dense is None  # its tables freed
     assert_same(bank, queries, index.nearest(queries))
