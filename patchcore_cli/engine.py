@@ -545,7 +545,7 @@ def _fit_member(
         extractor = Extractor(config)
     sample = calibration_sample(len(paths), config.calibration_images, config.seed)
     fixed = view_sizes(config)  # whole, crop: every image's patch count is known before it is read
-    expected = sum(patch_counts(extractor, [fixed] * len(paths))) if fixed is not None else 0
+    expected = len(paths) * patch_counts(extractor, [fixed])[0] if fixed is not None else 0
     with work_folder(work_dir) as work:
         shards = ShardedCoreset(
             work,
