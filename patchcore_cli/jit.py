@@ -105,6 +105,9 @@ def warm_up() -> list[Warmed]:
 
     def pick() -> None:
         coreset.greedy_coreset(points, 8, projection_dim=None, seed=0)
+        # Points spread evenly in 16 dimensions: the pruned search hands over to the batched fallback.
+        spread = rng.standard_normal((1024, 16)).astype(np.float32)
+        coreset.greedy_coreset(spread, 130, projection_dim=None, seed=0)
 
     def find() -> None:
         index = search.ClusterIndex(points, sources)

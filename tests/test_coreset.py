@@ -274,7 +274,8 @@ def run_batched_fallback(
     is_center[start] = True
     centers = np.empty((n_select, points.shape[1]), dtype=np.float32)
     centers[0] = rows[start_row]
-    passes = coreset._batched_greedy(rows, orig, nearest, centers, order, is_center, 1)
+    sketch, tolerance = coreset._sketch(rows)
+    passes = coreset._batched_greedy(rows, orig, nearest, sketch, tolerance, centers, order, is_center, 1)
     by_orig = np.empty(n)
     by_orig[orig] = nearest
     return order, by_orig, passes
@@ -332,21 +333,22 @@ def test_batched_fallback_is_the_same_on_any_number_of_threads() -> None:
 
 @pytest.mark.parametrize("offset", [0.0, 1e4])
 def test_batch_pass_lowers_exactly_the_rows_a_center_comes_closer_to(offset: float) -> None:
-    # Small integers, so every distance is exact; far from the origin, the float32 dot products lose all
-    # precision and the bound must let every pair through. Half the rows sit exactly at their distance to
-    # a center: equal is not closer.
+    # Small integers, so every distance is exact. The sketch is the first 32 coordinates themselves (a
+    # valid one: distances on them never exceed the true ones), not centred: far from the origin the
+    # float32 dot products of the leading bound lose all precision, and the bound must let every pair
+    # through. Half the rows sit exactly at their distance to a center: equal is not closer. 70 centers:
+    # two full groups of 32 and a partial one.
     rng = np.random.default_rng(33)
-    points = (rng.integers(-3, 4, size=(5000, 20)) + offset).astype(np.float32)
-    centers = np.ascontiguousarray(points[rng.choice(5000, 40, replace=False)])
+    points = (rng.integers(-3, 4, size=(5000, 40)) + offset).astype(np.float32)
+    picked = rng.choice(5000, 70, replace=False)
+    centers = np.ascontiguousarray(points[picked])
     x = points.astype(np.float64)
     exact = ((x[:, None, :] - centers[None].astype(np.float64)) ** 2).sum(axis=2)
     nearest = np.where(np.arange(5000) % 2 == 0, exact[:, 17], exact.min(axis=1) + rng.integers(0, 3, 5000))
     nearest[::11] = 0.0
     expected = np.minimum(nearest, exact.min(axis=1))
-    norms = np.empty(5000)
-    coreset._row_norms(points, norms)
-    center_norms = np.empty(40)
-    coreset._row_norms(centers, center_norms)
+    sketch = np.ascontiguousarray(points[:, :32])
+    leading, norms = coreset._leading(sketch)
     n_blocks = -(-5000 // coreset._PASS_ROWS)
     top = (
         np.empty((n_blocks, 8)),
@@ -354,7 +356,23 @@ def test_batch_pass_lowers_exactly_the_rows_a_center_comes_closer_to(offset: flo
         np.empty((n_blocks, 8), dtype=np.int64),
     )
     size = np.zeros(n_blocks, dtype=np.int64)
-    coreset._batch_pass(points, norms, centers, center_norms, 0, 40, nearest, np.arange(5000), *top, size)
+    rows = np.arange(5000)
+    coreset._batch_pass(
+        points,
+        sketch,
+        leading,
+        norms,
+        centers,
+        sketch[picked],
+        norms[picked],
+        0,
+        70,
+        nearest,
+        rows,
+        0.0,
+        *top,
+        size,
+    )
     np.testing.assert_array_equal(nearest, expected)
     # The pass also returns the 8 rows first in greedy order of each block, rows at distance 0 left out.
     for b in range(n_blocks):

@@ -132,6 +132,7 @@ print(json.dumps([warmed, signatures()]))
     assert after == warmed
     assert (
         warmed["patchcore_cli.coreset._greedy_kcenter"] == 1
+        and warmed["patchcore_cli.coreset._batch_pass"] == 1
         and warmed["patchcore_cli.search._nearest"] == 1
         and warmed["patchcore_cli.search._dense_nearest"] == 1
     )
@@ -158,3 +159,29 @@ print(sorted(m for m in ("faiss",) if m in sys.modules))
 """
     help_imports, search_imports = python(code).strip().splitlines()
     assert help_imports == "[]" and search_imports == "[]"
+
+
+@pytest.mark.slow
+def test_kernels_load_from_the_cache_whichever_entry_compiled_them(tmp_path):
+    # numba's cache mishandled a parallel kernel called from another cached kernel: once the batched
+    # fallback had been compiled on its own (as the tests call it) and the greedy search then compiled
+    # around it, a later process that loaded them crashed. Each step here is a fresh process on one
+    # cache folder.
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    fallback = f"""
+import sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from test_coreset import fallback_data, run_batched_fallback
+print(run_batched_fallback(fallback_data("normal"), 300, 7)[2])
+"""
+    full = """
+import numpy as np
+from patchcore_cli import coreset
+points = np.random.default_rng(0).normal(size=(20000, 64)).astype(np.float32)
+print(coreset.greedy_coreset(points, 2000, None, 42)[-5:].tolist())
+"""
+    python(fallback, env)
+    first = python(full, env)
+    assert python(full, env) == first
+    python(fallback, env)
+    assert python(full, env) == first
