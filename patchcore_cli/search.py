@@ -72,6 +72,9 @@ _CENTER_MARGIN = 1e-10
 _AUG_MARGIN = 1e-5
 _FLOAT32_SAFE_EXPONENT = 60  # descriptions are kept below 2^60, so their float32 squares stay finite
 _DENSE_BLOCK = 256  # queries per matrix product of the dense path, at most ...
+# A skipped row's product q.m is set to this, so that its bounds (|m|^2 is at most D after scaling, less
+# twice the product) stay finite and above any limit a row that is not skipped sets.
+_OUT_OF_REACH = np.float32(-1.0e38)
 _DENSE_PRODUCTS = 2**22  # ... so many bfloat16 products (8 MiB) at a time: they stay in cache
 _SCAN = 512  # rows per chunk whose candidates the dense path looks for only if the chunk's bound allows
 _DENSE_FLOOR = 2.0**-100  # absolute slack of bound 4, for products of coordinates so small they underflow
@@ -109,6 +112,12 @@ class ClusterIndex:
             if sources is None
             else np.ascontiguousarray(np.asarray(sources, dtype=np.int64)[order])
         )
+        # Each source's positions, for the dense path to leave out: source_pos[source_start[k] ..
+        # source_start[k + 1] - 1] are the positions of source source_ids[k].
+        by_source = np.argsort(self.sources, kind="stable")
+        self.source_ids, first = np.unique(self.sources[by_source], return_index=True)
+        self.source_start = np.append(first, rows).astype(np.int64)
+        self.source_pos = by_source.astype(np.int64)
         self.axes = _principal_axes(centered)  # D x k
         bank_aug, bank_sq = self._describe(centered[order])
         # Bound 2 runs in float32. For data so large that its squares would overflow float32, the
@@ -216,6 +225,9 @@ class ClusterIndex:
             self.bank,
             self.row,
             self.sources,
+            self.source_ids,
+            self.source_start,
+            self.source_pos,
             low,
             high,
             spread,
@@ -476,16 +488,6 @@ def _dense_upper(values: np.ndarray, high: np.ndarray, chunk_min: np.ndarray) ->
 
 
 @numba.njit(cache=True, fastmath=True)
-def _dense_upper_skipping(values: np.ndarray, high: np.ndarray, sources: np.ndarray, skip: int) -> float:
-    # `_dense_upper` over the rows whose source is not `skip`: a skipped row bounds nothing.
-    best = np.float32(3.0e38)
-    for j in range(values.shape[0]):
-        value = high[j] - np.float32(2.0) * values[j]
-        best = min(best, value) if sources[j] != skip else best
-    return best
-
-
-@numba.njit(cache=True, fastmath=True)
 def _widen(bits: np.ndarray, out: np.ndarray) -> None:
     # bfloat16 bit patterns -> their float32 bit patterns (exact: bfloat16 is a float32's top half)
     for j in range(bits.shape[0]):
@@ -500,6 +502,9 @@ def _dense_nearest(
     bank: np.ndarray,
     row: np.ndarray,
     sources: np.ndarray,
+    source_ids: np.ndarray,
+    source_start: np.ndarray,
+    source_pos: np.ndarray,
     low: np.ndarray,
     high: np.ndarray,
     spread: np.ndarray,
@@ -519,9 +524,12 @@ def _dense_nearest(
     for i in range(bits.shape[0]):
         r = first + i
         _widen(bits[i], wide)
+        if skip[r] >= 0:  # a skipped row bounds nothing: its product is put out of reach of any limit
+            k = np.searchsorted(source_ids, skip[r])
+            if k < source_ids.shape[0] and source_ids[k] == skip[r]:
+                for p in range(source_start[k], source_start[k + 1]):
+                    values[source_pos[p]] = _OUT_OF_REACH
         upper = _dense_upper(values, high, chunk_min)
-        if skip[r] >= 0:  # a skipped row bounds nothing
-            upper = _dense_upper_skipping(values, high, sources, skip[r])
         limit = upper + slack[r]
         best_d2, best_row = np.inf, np.int64(-1)
         for c in range(chunk_min.shape[0]):
