@@ -1,6 +1,6 @@
 """Where the numba kernels of coreset.py and search.py are cached, and compiling them ahead of time.
 
-numba compiles a kernel the first time a process calls it: about 18 s of CPU for the coreset and 4 s for
+numba compiles a kernel the first time a process calls it: about 14 s of CPU for the coreset and 7 s for
 the exact search (docs/latency.md). With `cache=True` it writes the machine code to disk and later
 processes load it in under half a second. An entry holds for one source file content (numba 0.68; older
 releases compared its modification time and size), one Python and numba version, one set of argument
