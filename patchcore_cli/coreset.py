@@ -612,7 +612,20 @@ def _batched_greedy(
     passes = 0
     while True:
         start = t
-        t = _batch_picks(*rows, t, nearest, orig, order, is_center, *top)
+        t = _batch_picks(
+            points,
+            sketch,
+            norms,
+            centers,
+            center_sketch,
+            center_norms,
+            t,
+            nearest,
+            orig,
+            order,
+            is_center,
+            *top,
+        )
         if t < 0:  # every pick is made
             return passes
         _batch_pass(*rows, start, t, nearest, orig, tolerance, *top)
@@ -623,7 +636,6 @@ def _batched_greedy(
 def _batch_picks(
     points: np.ndarray,
     sketch: np.ndarray,
-    leading: np.ndarray,
     norms: np.ndarray,
     centers: np.ndarray,
     center_sketch: np.ndarray,

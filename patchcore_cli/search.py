@@ -112,12 +112,6 @@ class ClusterIndex:
             if sources is None
             else np.ascontiguousarray(np.asarray(sources, dtype=np.int64)[order])
         )
-        # Each source's positions, for the dense path to leave out: source_pos[source_start[k] ..
-        # source_start[k + 1] - 1] are the positions of source source_ids[k].
-        by_source = np.argsort(self.sources, kind="stable")
-        self.source_ids, first = np.unique(self.sources[by_source], return_index=True)
-        self.source_start = np.append(first, rows).astype(np.int64)
-        self.source_pos = by_source.astype(np.int64)
         self.axes = _principal_axes(centered)  # D x k
         bank_aug, bank_sq = self._describe(centered[order])
         # Bound 2 runs in float32. For data so large that its squares would overflow float32, the
@@ -212,7 +206,7 @@ class ClusterIndex:
         out_row = np.empty(count, np.int64)
         if count == 0:
             return out_d2, out_row
-        bank_t, low, high, spread = self._dense_tables()
+        bank_t, low, high, spread, source_ids, source_start, source_pos = self._dense_tables()
         scaled = (queries.astype(np.float64) - self.mean) * self.dense_scale
         query_sq = (scaled * scaled).sum(1)
         scaled16 = torch.from_numpy(scaled.astype(np.float32)).to(torch.bfloat16)
@@ -225,9 +219,9 @@ class ClusterIndex:
             self.bank,
             self.row,
             self.sources,
-            self.source_ids,
-            self.source_start,
-            self.source_pos,
+            source_ids,
+            source_start,
+            source_pos,
             low,
             high,
             spread,
@@ -250,12 +244,13 @@ class ClusterIndex:
         return out_d2, out_row
 
     def _dense_tables(self) -> tuple:
-        """(D x M bfloat16 bank, low, high, spread) of bound 4, in index order, made once. The bank is
-        transposed and contiguous, the faster layout for the product. Per row, low and high are |m|^2
-        less and plus its share of the error bound, so that a query's lower and upper bounds are
-        low[j] - 2 q.m and high[j] - 2 q.m, plus (1 -/+ E) |q|^2; spread is the largest high - low of
-        each chunk of _SCAN rows, rounded up (a chunk is passed over only if even its widest row's lower
-        bound clears the limit)."""
+        """(D x M bfloat16 bank, low, high, spread, source_ids, source_start, source_pos) of bound 4, in
+        index order, made once. The bank is transposed and contiguous, the faster layout for the product.
+        Per row, low and high are |m|^2 less and plus its share of the error bound, so that a query's lower
+        and upper bounds are low[j] - 2 q.m and high[j] - 2 q.m, plus (1 -/+ E) |q|^2; spread is the
+        largest high - low of each chunk of _SCAN rows, rounded up (a chunk is passed over only if even
+        its widest row's lower bound clears the limit). The last three list each source's positions, for
+        queries to leave out."""
         import torch
 
         if self._dense is None:
@@ -267,7 +262,12 @@ class ClusterIndex:
             gaps = np.zeros(-(-self.rows // _SCAN) * _SCAN, np.float64)
             gaps[: self.rows] = high.astype(np.float64) - low.astype(np.float64)
             spread = (gaps.reshape(-1, _SCAN).max(1) * (1 + 2.0**-20)).astype(np.float32)
-            self._dense = (bank_t, low, high, spread)
+            # Each source's positions, for queries to leave out: source_pos[source_start[k] ..
+            # source_start[k + 1] - 1] are the positions of source source_ids[k].
+            by_source = np.argsort(self.sources, kind="stable")
+            source_ids, first = np.unique(self.sources[by_source], return_index=True)
+            source_start = np.append(first, self.rows).astype(np.int64)
+            self._dense = (bank_t, low, high, spread, source_ids, source_start, by_source.astype(np.int64))
         return self._dense
 
     def neighbours(
