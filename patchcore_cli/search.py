@@ -71,12 +71,13 @@ _CENTER_MARGIN = 1e-10
 #   with the residual's uncertainty above, its error stays below 1e-5 of the squared norms.
 _AUG_MARGIN = 1e-5
 _FLOAT32_SAFE_EXPONENT = 60  # descriptions are kept below 2^60, so their float32 squares stay finite
-_DENSE_BLOCK = 256  # queries per matrix product of the dense path, at most ...
-# A skipped row's product q.m is set to this, so that its bounds (|m|^2 is at most D after scaling, less
-# twice the product) stay finite and above any limit a row that is not skipped sets.
-_OUT_OF_REACH = np.float32(-1.0e38)
-_DENSE_PRODUCTS = 2**22  # ... so many bfloat16 products (8 MiB) at a time: they stay in cache
-_SCAN = 512  # rows per chunk whose candidates the dense path looks for only if the chunk's bound allows
+_DENSE_BLOCK = 448  # queries per matrix product of the dense path, at most ...
+_DENSE_PRODUCTS = 2**23  # ... so many bfloat16 products (16 MiB) at a time
+# A skipped row's product q.m is set to this bfloat16 (about -1e38, a float32's top half), so that its
+# bounds (|m|^2 is at most D after scaling, less twice the product) stay finite and above any limit a row
+# that is not skipped sets.
+_OUT_OF_REACH = np.uint16(0xFE96)
+_SCAN = 64  # rows per chunk whose candidates the dense path looks for only if the chunk's bound allows
 _DENSE_FLOOR = 2.0**-100  # absolute slack of bound 4, for products of coordinates so small they underflow
 _TRIAL = 512  # queries the first large call times both paths on
 
@@ -206,56 +207,49 @@ class ClusterIndex:
         out_row = np.empty(count, np.int64)
         if count == 0:
             return out_d2, out_row
-        bank_t, low, high, spread, source_ids, source_start, source_pos = self._dense_tables()
+        bank16, low, high, spread, source_ids, source_start, source_pos = self._dense_tables()
         scaled = (queries.astype(np.float64) - self.mean) * self.dense_scale
         query_sq = (scaled * scaled).sum(1)
         scaled16 = torch.from_numpy(scaled.astype(np.float32)).to(torch.bfloat16)
         # high vs low in |q|^2, and a floor for products of coordinates so small they underflow
         slack = (2.0 * self.dense_error * query_sq + _DENSE_FLOOR).astype(np.float32)
-        step = max(16, min(_DENSE_BLOCK, _DENSE_PRODUCTS // self.rows))
-        products = torch.empty((min(count, step), self.rows), dtype=torch.bfloat16)
-        tables = (
-            queries,
-            self.bank,
-            self.row,
-            self.sources,
-            source_ids,
-            source_start,
-            source_pos,
-            low,
-            high,
-            spread,
-            slack,
-            skips,
-            out_d2,
-            out_row,
-        )
+        step = min(count, max(16, min(_DENSE_BLOCK, _DENSE_PRODUCTS // self.rows)))
+        # Bank rows by queries: a row's products with the block's queries lie side by side, so the scan
+        # below runs along them in vector registers.
+        products = torch.empty((self.rows, step), dtype=torch.bfloat16)
+        chunk_min = np.empty((spread.shape[0], step), np.float32)
+        threads = max(1, _threads())
+        by_chunk = np.linspace(0, spread.shape[0], min(spread.shape[0], threads) + 1).astype(int)
+        tables = (low, spread, slack, queries, self.bank, self.row, self.sources, skips, out_d2, out_row)
         for lo in range(0, count, step):
-            hi = min(count, lo + step)
-            block = products[: hi - lo]
-            torch.mm(scaled16[lo:hi], bank_t, out=block)
+            width = min(count, lo + step) - lo
+            block = products if width == step else torch.empty((self.rows, width), dtype=torch.bfloat16)
+            torch.mm(bank16, scaled16[lo : lo + width].t(), out=block)
             bits = block.view(torch.int16).numpy().view(np.uint16)  # bfloat16: a float32's top 16 bits
-            bounds = np.linspace(0, hi - lo, min(hi - lo, max(1, _threads())) + 1).astype(int)
-
-            def run(a: int, b: int, lo: int = lo, bits: np.ndarray = bits) -> None:
-                _dense_nearest(bits[a:b], lo + a, *tables)
-
-            _in_threads(run, bounds)
+            _dense_skip(bits, lo, skips, source_ids, source_start, source_pos)
+            least = chunk_min if width == step else np.empty((spread.shape[0], width), np.float32)
+            _in_threads(
+                lambda a, b, bits=bits, least=least: _dense_chunk_min(bits, high, a, b, least), by_chunk
+            )
+            by_query = np.linspace(0, width, min(width, threads) + 1).astype(int)
+            _in_threads(
+                lambda a, b, bits=bits, least=least, lo=lo: _dense_pick(bits, lo, a, b, least, *tables),
+                by_query,
+            )
         return out_d2, out_row
 
     def _dense_tables(self) -> tuple:
-        """(D x M bfloat16 bank, low, high, spread, source_ids, source_start, source_pos) of bound 4, in
-        index order, made once. The bank is transposed and contiguous, the faster layout for the product.
-        Per row, low and high are |m|^2 less and plus its share of the error bound, so that a query's lower
-        and upper bounds are low[j] - 2 q.m and high[j] - 2 q.m, plus (1 -/+ E) |q|^2; spread is the
-        largest high - low of each chunk of _SCAN rows, rounded up (a chunk is passed over only if even
-        its widest row's lower bound clears the limit). The last three list each source's positions, for
-        queries to leave out."""
+        """(M x D bfloat16 bank, low, high, spread, source_ids, source_start, source_pos) of bound 4, in
+        index order, made once. Per row, low and high are |m|^2 less and plus its share of the error
+        bound, so that a query's lower and upper bounds are low[j] - 2 q.m and high[j] - 2 q.m, plus
+        (1 -/+ E) |q|^2; spread is the largest high - low of each chunk of _SCAN rows, rounded up (a chunk
+        is passed over only if even its widest row's lower bound clears the limit). The last three list
+        each source's positions, for queries to leave out."""
         import torch
 
         if self._dense is None:
             scaled = (self.bank.astype(np.float64) - self.mean) * self.dense_scale
-            bank_t = torch.from_numpy(scaled.T.astype(np.float32)).to(torch.bfloat16).contiguous()
+            bank16 = torch.from_numpy(scaled.astype(np.float32)).to(torch.bfloat16).contiguous()
             squares = (scaled * scaled).sum(1)
             low = (squares * (1.0 - self.dense_error)).astype(np.float32)
             high = (squares * (1.0 + self.dense_error)).astype(np.float32)
@@ -267,7 +261,7 @@ class ClusterIndex:
             by_source = np.argsort(self.sources, kind="stable")
             source_ids, first = np.unique(self.sources[by_source], return_index=True)
             source_start = np.append(first, self.rows).astype(np.int64)
-            self._dense = (bank_t, low, high, spread, source_ids, source_start, by_source.astype(np.int64))
+            self._dense = (bank16, low, high, spread, source_ids, source_start, by_source.astype(np.int64))
         return self._dense
 
     def neighbours(
@@ -293,17 +287,29 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+_POOL: tuple[int, int, object] | None = None  # (process id, threads, ThreadPoolExecutor), made once
+
+
 def _in_threads(run: Callable[[int, int], None], bounds: np.ndarray) -> None:
-    """run(lo, hi) for each consecutive pair of `bounds`, in threads (the kernels release the GIL)."""
+    """run(lo, hi) for each consecutive pair of `bounds`, in threads (the kernels release the GIL).
+
+    The threads are kept between calls: starting them costs about 0.3 ms, and the dense path calls this
+    twice per block of queries. A forked child (a data-loader worker) makes its own."""
+    global _POOL
+    import os
+
     parts = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
     if len(parts) == 1:
         run(*parts[0])
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="search") as pool:
-        for future in [pool.submit(run, lo, hi) for lo, hi in parts]:
-            future.result()
+    pool = _POOL
+    if pool is None or pool[0] != os.getpid() or pool[1] < len(parts):
+        pool = (os.getpid(), len(parts), ThreadPoolExecutor(len(parts), thread_name_prefix="search"))
+        _POOL = pool
+    for future in [pool[2].submit(run, lo, hi) for lo, hi in parts]:
+        future.result()
 
 
 def _clusters(bank: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -458,93 +464,100 @@ def _nearest(
             out_row[r] = best[2]
 
 
-@numba.njit(cache=True, fastmath=True)
-def _dense_upper(values: np.ndarray, high: np.ndarray, chunk_min: np.ndarray) -> float:
-    # The smallest high[j] - 2 q.m, and the same per chunk of _SCAN rows (chunk_min), in eight independent
-    # running minima: LLVM does not vectorise a float min reduction here, and one running minimum would
-    # wait on itself at every row (2x slower).
+@numba.njit(cache=True, nogil=True)
+def _dense_skip(
+    bits: np.ndarray,
+    first: int,
+    skip: np.ndarray,
+    source_ids: np.ndarray,
+    source_start: np.ndarray,
+    source_pos: np.ndarray,
+) -> None:
+    # A skipped row bounds nothing: its product with query first + i is put out of reach of any limit.
+    for i in range(bits.shape[1]):
+        wanted = skip[first + i]
+        if wanted < 0:
+            continue
+        k = np.searchsorted(source_ids, wanted)
+        if k < source_ids.shape[0] and source_ids[k] == wanted:
+            for p in range(source_start[k], source_start[k + 1]):
+                bits[source_pos[p], i] = _OUT_OF_REACH
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _dense_chunk_min(bits: np.ndarray, high: np.ndarray, c0: int, c1: int, chunk_min: np.ndarray) -> None:
+    # For chunks c0 .. c1 - 1 of _SCAN rows: each query's smallest upper bound high[j] - 2 q.m over the
+    # chunk's rows, from the products' bfloat16 bits (rows by queries). Both inner loops run along the
+    # queries, element by element, so LLVM vectorises them (a min reduction along the rows it does not).
+    count, width = bits.shape
+    wide = np.empty(width, np.uint32)
+    values = wide.view(np.float32)
     two = np.float32(2.0)
-    count = values.shape[0]
-    best = np.float32(3.0e38)
-    for c in range(chunk_min.shape[0]):
-        lo, hi = c * _SCAN, min(count, (c + 1) * _SCAN)
-        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(3.0e38)
-        whole = lo + (hi - lo) // 8 * 8
-        for j in range(lo, whole, 8):
-            a0 = min(a0, high[j] - two * values[j])
-            a1 = min(a1, high[j + 1] - two * values[j + 1])
-            a2 = min(a2, high[j + 2] - two * values[j + 2])
-            a3 = min(a3, high[j + 3] - two * values[j + 3])
-            a4 = min(a4, high[j + 4] - two * values[j + 4])
-            a5 = min(a5, high[j + 5] - two * values[j + 5])
-            a6 = min(a6, high[j + 6] - two * values[j + 6])
-            a7 = min(a7, high[j + 7] - two * values[j + 7])
-        for j in range(whole, hi):
-            a0 = min(a0, high[j] - two * values[j])
-        least = min(min(min(a0, a1), min(a2, a3)), min(min(a4, a5), min(a6, a7)))
-        chunk_min[c] = least
-        best = min(best, least)
-    return best
-
-
-@numba.njit(cache=True, fastmath=True)
-def _widen(bits: np.ndarray, out: np.ndarray) -> None:
-    # bfloat16 bit patterns -> their float32 bit patterns (exact: bfloat16 is a float32's top half)
-    for j in range(bits.shape[0]):
-        out[j] = np.uint32(bits[j]) << np.uint32(16)
+    for c in range(c0, c1):
+        least = chunk_min[c]
+        for i in range(width):
+            least[i] = np.float32(3.0e38)
+        for j in range(c * _SCAN, min(count, (c + 1) * _SCAN)):
+            line = bits[j]
+            for i in range(width):  # exact: bfloat16 is a float32's top half
+                wide[i] = np.uint32(line[i]) << np.uint32(16)
+            h = high[j]
+            for i in range(width):
+                least[i] = min(least[i], h - two * values[i])
 
 
 @numba.njit(cache=True, nogil=True)
-def _dense_nearest(
+def _dense_pick(
     bits: np.ndarray,
     first: int,
+    a: int,
+    b: int,
+    chunk_min: np.ndarray,
+    low: np.ndarray,
+    spread: np.ndarray,
+    slack: np.ndarray,
     queries: np.ndarray,
     bank: np.ndarray,
     row: np.ndarray,
     sources: np.ndarray,
-    source_ids: np.ndarray,
-    source_start: np.ndarray,
-    source_pos: np.ndarray,
-    low: np.ndarray,
-    high: np.ndarray,
-    spread: np.ndarray,
-    slack: np.ndarray,
     skip: np.ndarray,
     out_d2: np.ndarray,
     out_row: np.ndarray,
 ) -> None:
-    # Bound 4 for queries first .. first + len(bits) - 1, from their products' bfloat16 bits: the rows
-    # whose lower bound is below the smallest upper bound, measured exactly; ties to the lowest bank row.
-    # Rows are scanned for candidates only in chunks of _SCAN rows whose smallest upper bound, less the
-    # chunk's largest gap between upper and lower bound (`spread`), is below the limit.
-    count = bits.shape[1]
-    wide = np.empty(count, np.uint32)
-    values = wide.view(np.float32)
-    chunk_min = np.empty(spread.shape[0], np.float32)
-    for i in range(bits.shape[0]):
-        r = first + i
-        _widen(bits[i], wide)
-        if skip[r] >= 0:  # a skipped row bounds nothing: its product is put out of reach of any limit
-            k = np.searchsorted(source_ids, skip[r])
-            if k < source_ids.shape[0] and source_ids[k] == skip[r]:
-                for p in range(source_start[k], source_start[k + 1]):
-                    values[source_pos[p]] = _OUT_OF_REACH
-        upper = _dense_upper(values, high, chunk_min)
-        limit = upper + slack[r]
-        best_d2, best_row = np.inf, np.int64(-1)
-        for c in range(chunk_min.shape[0]):
-            if chunk_min[c] - spread[c] > limit:
+    # Bound 4 for the block's queries a .. b - 1 (query first + i for column i): the rows whose lower bound
+    # is below the smallest upper bound, measured exactly; ties to the lowest bank row. A chunk's rows are
+    # looked at only if its smallest upper bound, less its largest gap between upper and lower bound
+    # (`spread`), is below the limit.
+    count = bits.shape[0]
+    width = b - a
+    one = np.empty(1, np.uint32)
+    value = one.view(np.float32)
+    two = np.float32(2.0)
+    limit = np.full(width, np.float32(3.0e38))
+    for c in range(chunk_min.shape[0]):
+        for i in range(width):
+            limit[i] = min(limit[i], chunk_min[c, a + i])
+    for i in range(width):
+        limit[i] += slack[first + a + i]
+    best_d2 = np.full(width, np.inf)
+    best_row = np.full(width, np.int64(-1))
+    for c in range(chunk_min.shape[0]):
+        for i in range(width):
+            if chunk_min[c, a + i] - spread[c] > limit[i]:
                 continue
+            r = first + a + i
             for j in range(c * _SCAN, min(count, (c + 1) * _SCAN)):
-                if low[j] - np.float32(2.0) * values[j] > limit:
+                one[0] = np.uint32(bits[j, a + i]) << np.uint32(16)
+                if low[j] - two * value[0] > limit[i]:
                     continue
                 if skip[r] >= 0 and sources[j] == skip[r]:
                     continue
                 d2 = _exact_sq(queries, r, bank, j)
-                if d2 < best_d2 or (d2 == best_d2 and row[j] < best_row):
-                    best_d2, best_row = d2, row[j]
-        out_d2[r] = best_d2
-        out_row[r] = best_row
+                if d2 < best_d2[i] or (d2 == best_d2[i] and row[j] < best_row[i]):
+                    best_d2[i], best_row[i] = d2, row[j]
+    for i in range(width):
+        out_d2[first + a + i] = best_d2[i]
+        out_row[first + a + i] = best_row[i]
 
 
 @numba.njit(cache=True, nogil=True)

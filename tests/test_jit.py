@@ -96,7 +96,13 @@ def test_read_only_queries_compile_nothing_new():
     index.neighbours(queries[:1], 3)
     index.path = "dense"
     index.nearest(queries)
-    kernels = (search._nearest, search._neighbours, search._dense_nearest)
+    kernels = (
+        search._nearest,
+        search._neighbours,
+        search._dense_chunk_min,
+        search._dense_pick,
+        search._dense_skip,
+    )
     counts = [len(kernel.signatures) for kernel in kernels]
     frozen = queries.copy()
     frozen.flags.writeable = False  # as a row of a memory-mapped bank is
@@ -134,7 +140,7 @@ print(json.dumps([warmed, signatures()]))
         warmed["patchcore_cli.coreset._greedy_kcenter"] == 1
         and warmed["patchcore_cli.coreset._batch_pass"] == 1
         and warmed["patchcore_cli.search._nearest"] == 1
-        and warmed["patchcore_cli.search._dense_nearest"] == 1
+        and warmed["patchcore_cli.search._dense_pick"] == 1
     )
 
 
