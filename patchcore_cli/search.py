@@ -29,15 +29,20 @@ Banks without cluster structure defeat bounds 1 and 2: the patches of a fine ran
 Tile) sit at nearly equal distances from each other, so almost every cluster has to be opened. For them
 the index has a second, dense path, exact too:
 
-4. A bfloat16 matrix product of a block of queries with the whole bank (about the bank mean, scaled by a
-   power of two; float32 sums, rounded to bfloat16) gives every |q - m|^2 with an error below
-   E (|q|^2 + |m|^2), E = 3 * 2^-8 + 2^-14 + (D + 32) 2^-23: the inputs' and the output's rounding
-   (2^-8 each, relative) and the float32 sums (the standard D-term bound), with room to spare. The
-   smallest upper bound of a query's rows bounds its nearest distance; only the rows whose lower bound
-   lies below it can be nearest, and they are measured exactly as in 3. These are usually one to a few
-   rows, and every row tied at the nearest distance is among them. CPUs with AVX-512 BF16 or AMX run
-   these products several times faster than float32 ones (3.5x here); where a CPU lacks them the
-   product is slow, and the trial below keeps the clusters.
+4. Each row m is turned onto the bank's top principal axes, as many as keep 93 % of its variance, plus
+   one column for the norm r_m of what they leave out: m'. Since q.m <= q'.m' (Cauchy-Schwarz on the
+   left-out parts), |q|^2 + |m|^2 - 2 q'.m' is a lower bound of |q - m|^2. A bfloat16 matrix product of
+   the whole bank with a block of queries (about the bank mean, scaled by a power of two; float32 sums,
+   rounded to bfloat16) gives every q'.m' within E (|q|^2 + |m|^2) / 2,
+   E = 3 * 2^-8 + 2^-14 + (D + 64) 2^-23 + 2^-30: the inputs' and the output's rounding (2^-8 each,
+   relative), the float32 sums (the standard D-term bound) and the float64 rotation, with room to
+   spare. For each query the row with the lowest bound is measured exactly; its distance limits the
+   nearest, so only the rows whose lower bound lies below it can be nearest, and they are measured
+   exactly as in 3. On Magnetic Tile these are a few rows per query, and every row tied at the nearest
+   distance is among them. Fewer axes make the product cheaper and the bound looser (more rows to
+   measure); 93 % was the fastest share there. CPUs with AVX-512 BF16 or AMX run these products several
+   times faster than float32 ones (3.5x here); where a CPU lacks them the product is slow, and the trial
+   below keeps the clusters.
 
 Which path is faster depends on the bank, the queries and the CPU, not on their answers, which are the
 same: the first call with enough queries runs both on the same queries, keeps the faster (`path`), and
@@ -77,6 +82,8 @@ _DENSE_PRODUCTS = 2**23  # ... so many bfloat16 products (16 MiB) at a time
 # bounds (|m|^2 is at most D after scaling, less twice the product) stay finite and above any limit a row
 # that is not skipped sets.
 _OUT_OF_REACH = np.uint16(0xFE96)
+_DENSE_KEPT = 0.93  # share of the bank's variance the dense path's product keeps (its principal axes) ...
+_DENSE_WIDTH = 16  # ... in a multiple of so many columns, the last one the residual norm
 _SCAN = 64  # rows per chunk whose candidates the dense path looks for only if the chunk's bound allows
 _DENSE_FLOOR = 2.0**-100  # absolute slack of bound 4, for products of coordinates so small they underflow
 _TRIAL = 512  # queries the first large call times both paths on
@@ -126,7 +133,9 @@ class ClusterIndex:
         # copy of the bank is made when the path first runs (`_dense_tables`).
         largest_coordinate = float(np.abs(centered).max())
         self.dense_scale = 2.0 ** -math.ceil(math.log2(largest_coordinate)) if largest_coordinate > 0 else 1.0
-        self.dense_error = 3 * 2.0**-8 + 2.0**-14 + (dim + 32) * 2.0**-23
+        # (dim + 64) 2^-23: float32 sums of at most dim products, and the bound's few float32 operations;
+        # 2^-30: the float64 rotation onto the principal axes and the residual norms.
+        self.dense_error = 3 * 2.0**-8 + 2.0**-14 + (dim + 64) * 2.0**-23 + 2.0**-30
         self._dense: tuple | None = None
         self.path: str | None = None  # "clusters" or "dense", chosen by the first large call
         self.trial: dict[str, float] = {}  # seconds each path took on the trial queries
@@ -207,61 +216,67 @@ class ClusterIndex:
         out_row = np.empty(count, np.int64)
         if count == 0:
             return out_d2, out_row
-        bank16, low, high, spread, source_ids, source_start, source_pos = self._dense_tables()
+        bank16, axes, low, *by_source = self._dense_tables()
         scaled = (queries.astype(np.float64) - self.mean) * self.dense_scale
-        query_sq = (scaled * scaled).sum(1)
-        scaled16 = torch.from_numpy(scaled.astype(np.float32)).to(torch.bfloat16)
-        # high vs low in |q|^2, and a floor for products of coordinates so small they underflow
-        slack = (2.0 * self.dense_error * query_sq + _DENSE_FLOOR).astype(np.float32)
+        turned, residual = _turn(scaled, axes)
+        scaled16 = torch.from_numpy(np.concatenate([turned, residual[:, None]], 1).astype(np.float32))
+        scaled16 = scaled16.to(torch.bfloat16)
+        # A query's lower bounds are low[j] - 2 q'.m' + (1 - E) |q|^2, and its nearest distance is at most
+        # that of any row: with these, a distance d2 limits the rows to those with low[j] - 2 q'.m' below
+        # d2 scale^2 - (1 - E) |q|^2 (in float64, rounded up to float32 by the kernel). The floor covers
+        # products of coordinates so small they underflow.
+        offset = (1.0 - self.dense_error) * (scaled * scaled).sum(1) - _DENSE_FLOOR
         step = min(count, max(16, min(_DENSE_BLOCK, _DENSE_PRODUCTS // self.rows)))
         # Bank rows by queries: a row's products with the block's queries lie side by side, so the scan
         # below runs along them in vector registers.
         products = torch.empty((self.rows, step), dtype=torch.bfloat16)
-        chunk_min = np.empty((spread.shape[0], step), np.float32)
+        chunk_min = np.empty((-(-self.rows // _SCAN), step), np.float32)
         threads = max(1, _threads())
-        by_chunk = np.linspace(0, spread.shape[0], min(spread.shape[0], threads) + 1).astype(int)
-        tables = (low, spread, slack, queries, self.bank, self.row, self.sources, skips, out_d2, out_row)
+        by_chunk = np.linspace(0, chunk_min.shape[0], min(chunk_min.shape[0], threads) + 1).astype(int)
+        tables = (low, offset, self.dense_scale**2, queries, self.bank, self.row, self.sources, skips)
         for lo in range(0, count, step):
             width = min(count, lo + step) - lo
             block = products if width == step else torch.empty((self.rows, width), dtype=torch.bfloat16)
             torch.mm(bank16, scaled16[lo : lo + width].t(), out=block)
             bits = block.view(torch.int16).numpy().view(np.uint16)  # bfloat16: a float32's top 16 bits
-            _dense_skip(bits, lo, skips, source_ids, source_start, source_pos)
-            least = chunk_min if width == step else np.empty((spread.shape[0], width), np.float32)
+            _dense_skip(bits, lo, skips, *by_source)
+            least = chunk_min if width == step else np.empty((chunk_min.shape[0], width), np.float32)
             _in_threads(
-                lambda a, b, bits=bits, least=least: _dense_chunk_min(bits, high, a, b, least), by_chunk
+                lambda a, b, bits=bits, least=least: _dense_chunk_min(bits, low, a, b, least), by_chunk
             )
             by_query = np.linspace(0, width, min(width, threads) + 1).astype(int)
             _in_threads(
-                lambda a, b, bits=bits, least=least, lo=lo: _dense_pick(bits, lo, a, b, least, *tables),
+                lambda a, b, bits=bits, least=least, lo=lo: _dense_pick(
+                    bits, lo, a, b, least, *tables, out_d2, out_row
+                ),
                 by_query,
             )
         return out_d2, out_row
 
     def _dense_tables(self) -> tuple:
-        """(M x D bfloat16 bank, low, high, spread, source_ids, source_start, source_pos) of bound 4, in
-        index order, made once. Per row, low and high are |m|^2 less and plus its share of the error
-        bound, so that a query's lower and upper bounds are low[j] - 2 q.m and high[j] - 2 q.m, plus
-        (1 -/+ E) |q|^2; spread is the largest high - low of each chunk of _SCAN rows, rounded up (a chunk
-        is passed over only if even its widest row's lower bound clears the limit). The last three list
-        each source's positions, for queries to leave out."""
+        """The tables of bound 4, in index order, made once: (M x W bfloat16 bank, its axes, low,
+        source_ids, source_start, source_pos).
+
+        A row m is described by its coordinates on the bank's top W - 1 principal axes and the norm r_m
+        of what they leave out, m' (`_turn`). For a query q the same way, q.m <= q'.m', so
+        |q|^2 + |m|^2 - 2 q'.m' is a lower bound of |q - m|^2. Per row, low is |m|^2 less its share of
+        the product's error bound. The last three list each source's positions, for queries to leave
+        out."""
         import torch
 
         if self._dense is None:
             scaled = (self.bank.astype(np.float64) - self.mean) * self.dense_scale
-            bank16 = torch.from_numpy(scaled.astype(np.float32)).to(torch.bfloat16).contiguous()
-            squares = (scaled * scaled).sum(1)
-            low = (squares * (1.0 - self.dense_error)).astype(np.float32)
-            high = (squares * (1.0 + self.dense_error)).astype(np.float32)
-            gaps = np.zeros(-(-self.rows // _SCAN) * _SCAN, np.float64)
-            gaps[: self.rows] = high.astype(np.float64) - low.astype(np.float64)
-            spread = (gaps.reshape(-1, _SCAN).max(1) * (1 + 2.0**-20)).astype(np.float32)
+            axes = _dense_axes(scaled)
+            turned, residual = _turn(scaled, axes)
+            bank16 = torch.from_numpy(np.concatenate([turned, residual[:, None]], 1).astype(np.float32))
+            bank16 = bank16.to(torch.bfloat16).contiguous()
+            low = ((scaled * scaled).sum(1) * (1.0 - self.dense_error)).astype(np.float32)
             # Each source's positions, for queries to leave out: source_pos[source_start[k] ..
             # source_start[k + 1] - 1] are the positions of source source_ids[k].
             by_source = np.argsort(self.sources, kind="stable")
             source_ids, first = np.unique(self.sources[by_source], return_index=True)
             source_start = np.append(first, self.rows).astype(np.int64)
-            self._dense = (bank16, low, high, spread, source_ids, source_start, by_source.astype(np.int64))
+            self._dense = (bank16, axes, low, source_ids, source_start, by_source.astype(np.int64))
         return self._dense
 
     def neighbours(
@@ -347,6 +362,30 @@ def _principal_axes(centered: np.ndarray) -> np.ndarray:
     sample = centered[:: max(1, rows // _PCA_SAMPLE)]
     _, vectors = np.linalg.eigh(sample.T @ sample)
     return np.ascontiguousarray(vectors[:, ::-1][:, : min(_PCA_DIM, dim)])
+
+
+def _dense_axes(centered: np.ndarray) -> np.ndarray:
+    """M x D float64 rows about their mean -> D x (W - 1) orthonormal top principal axes for bound 4: the
+    fewest that keep _DENSE_KEPT of the variance of a sample, W a multiple of _DENSE_WIDTH; all D axes if
+    that is not fewer columns than D. Any orthonormal axes give a valid bound; more keep it tighter."""
+    rows, dim = centered.shape
+    sample = centered[:: max(1, rows // (4 * _PCA_SAMPLE))]
+    values, vectors = np.linalg.eigh(sample.T @ sample)
+    values, vectors = np.maximum(values[::-1], 0.0), vectors[:, ::-1]
+    kept = np.cumsum(values) / max(float(values.sum()), 1e-300)
+    wanted = int(np.searchsorted(kept, _DENSE_KEPT)) + 1
+    width = -(-(wanted + 1) // _DENSE_WIDTH) * _DENSE_WIDTH
+    return np.ascontiguousarray(vectors[:, : width - 1] if width - 1 < dim else vectors)
+
+
+def _turn(scaled: np.ndarray, axes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """N x D float64 rows -> (N x k coordinates on the k axes, N norms of the rest). The norms come from
+    |x|^2 - |Px|^2, so they are padded by 2^-24 |x|, far above that difference's float64 error: a norm
+    too large loosens bound 4 a little, one too small would break it."""
+    turned = scaled @ axes
+    squares = (scaled * scaled).sum(1)
+    rest = np.sqrt(np.maximum(squares - (turned * turned).sum(1), 0.0))
+    return turned, rest + np.sqrt(squares) * 2.0**-24
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)
@@ -485,10 +524,10 @@ def _dense_skip(
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def _dense_chunk_min(bits: np.ndarray, high: np.ndarray, c0: int, c1: int, chunk_min: np.ndarray) -> None:
-    # For chunks c0 .. c1 - 1 of _SCAN rows: each query's smallest upper bound high[j] - 2 q.m over the
-    # chunk's rows, from the products' bfloat16 bits (rows by queries). Both inner loops run along the
-    # queries, element by element, so LLVM vectorises them (a min reduction along the rows it does not).
+def _dense_chunk_min(bits: np.ndarray, low: np.ndarray, c0: int, c1: int, chunk_min: np.ndarray) -> None:
+    # For chunks c0 .. c1 - 1 of _SCAN rows: each query's smallest low[j] - 2 q'.m' over the chunk's rows,
+    # from the products' bfloat16 bits (rows by queries). The inner loops run along the queries, element
+    # by element, so LLVM vectorises them (a min reduction along the rows it does not).
     count, width = bits.shape
     wide = np.empty(width, np.uint32)
     values = wide.view(np.float32)
@@ -501,9 +540,9 @@ def _dense_chunk_min(bits: np.ndarray, high: np.ndarray, c0: int, c1: int, chunk
             line = bits[j]
             for i in range(width):  # exact: bfloat16 is a float32's top half
                 wide[i] = np.uint32(line[i]) << np.uint32(16)
-            h = high[j]
+            floor = low[j]
             for i in range(width):
-                least[i] = min(least[i], h - two * values[i])
+                least[i] = min(least[i], floor - two * values[i])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -514,8 +553,8 @@ def _dense_pick(
     b: int,
     chunk_min: np.ndarray,
     low: np.ndarray,
-    spread: np.ndarray,
-    slack: np.ndarray,
+    offset: np.ndarray,
+    scale_sq: float,
     queries: np.ndarray,
     bank: np.ndarray,
     row: np.ndarray,
@@ -524,40 +563,53 @@ def _dense_pick(
     out_d2: np.ndarray,
     out_row: np.ndarray,
 ) -> None:
-    # Bound 4 for the block's queries a .. b - 1 (query first + i for column i): the rows whose lower bound
-    # is below the smallest upper bound, measured exactly; ties to the lowest bank row. A chunk's rows are
-    # looked at only if its smallest upper bound, less its largest gap between upper and lower bound
-    # (`spread`), is below the limit.
+    # Bound 4 for the block's queries a .. b - 1 (query first + i for column i). The row with the lowest
+    # lower bound is measured first; its distance limits the rest to the rows whose lower bound is below
+    # it, which are measured exactly; ties to the lowest bank row. A chunk's rows are looked at only if
+    # the chunk's lowest bound is below the limit.
     count = bits.shape[0]
     width = b - a
     one = np.empty(1, np.uint32)
     value = one.view(np.float32)
     two = np.float32(2.0)
-    limit = np.full(width, np.float32(3.0e38))
+    lowest = np.full(width, np.float32(3.0e38))
+    at = np.zeros(width, np.int64)
     for c in range(chunk_min.shape[0]):
         for i in range(width):
-            limit[i] = min(limit[i], chunk_min[c, a + i])
+            if chunk_min[c, a + i] < lowest[i]:
+                lowest[i], at[i] = chunk_min[c, a + i], c
     for i in range(width):
-        limit[i] += slack[first + a + i]
-    best_d2 = np.full(width, np.inf)
-    best_row = np.full(width, np.int64(-1))
-    for c in range(chunk_min.shape[0]):
-        for i in range(width):
-            if chunk_min[c, a + i] - spread[c] > limit[i]:
+        r = first + a + i
+        best_d2, best_row = np.inf, np.int64(-1)
+        c = at[i]
+        j_lowest, lowest_bound = -1, np.float32(3.0e38)
+        for j in range(c * _SCAN, min(count, (c + 1) * _SCAN)):
+            if skip[r] >= 0 and sources[j] == skip[r]:
                 continue
-            r = first + a + i
+            one[0] = np.uint32(bits[j, a + i]) << np.uint32(16)
+            bound = low[j] - two * value[0]
+            if bound < lowest_bound:
+                j_lowest, lowest_bound = j, bound
+        limit = np.float32(3.0e38)
+        if j_lowest >= 0:
+            best_d2, best_row = _exact_sq(queries, r, bank, j_lowest), row[j_lowest]
+            limit = np.float32(best_d2 * scale_sq - offset[r])
+            if np.float64(limit) < best_d2 * scale_sq - offset[r]:  # round up, never down
+                limit = np.nextafter(limit, np.float32(np.inf))
+        for c in range(chunk_min.shape[0]):
+            if chunk_min[c, a + i] > limit:
+                continue
             for j in range(c * _SCAN, min(count, (c + 1) * _SCAN)):
                 one[0] = np.uint32(bits[j, a + i]) << np.uint32(16)
-                if low[j] - two * value[0] > limit[i]:
+                if low[j] - two * value[0] > limit:
                     continue
                 if skip[r] >= 0 and sources[j] == skip[r]:
                     continue
                 d2 = _exact_sq(queries, r, bank, j)
-                if d2 < best_d2[i] or (d2 == best_d2[i] and row[j] < best_row[i]):
-                    best_d2[i], best_row[i] = d2, row[j]
-    for i in range(width):
-        out_d2[first + a + i] = best_d2[i]
-        out_row[first + a + i] = best_row[i]
+                if d2 < best_d2 or (d2 == best_d2 and row[j] < best_row):
+                    best_d2, best_row = d2, row[j]
+        out_d2[r] = best_d2
+        out_row[r] = best_row
 
 
 @numba.njit(cache=True, nogil=True)

@@ -7,15 +7,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from patchcore_cli import search
 from patchcore_cli.search import ClusterIndex
 
-PATHS = pytest.mark.parametrize("path", ["clusters", "dense"])
+# "dense-axes": the dense path with a product on so few principal axes that most of each row is left to
+# the residual column, so that its bound is loose and many rows are measured.
+PATHS = pytest.mark.parametrize("path", ["clusters", "dense", "dense-axes"])
 
 
 def forced(bank, path, sources=None) -> ClusterIndex:
     """An index that answers every call by `path` (the clusters, or the dense matrix products)."""
     index = ClusterIndex(bank, sources)
-    index.path = path
+    index.path = "dense" if path.startswith("dense") else path
+    if path == "dense-axes":
+        kept, search._DENSE_KEPT = search._DENSE_KEPT, 0.3
+        try:
+            index._dense_tables()
+        finally:
+            search._DENSE_KEPT = kept
     return index
 
 
@@ -245,3 +254,41 @@ def test_the_trial_keeps_the_clusters_if_the_dense_answers_ever_differ(monkeypat
     index._choose(queries, np.full(len(queries), -1, np.int64))
     assert index.path == "clusters" and index._dense is None  # its tables freed
     assert_same(bank, queries, index.nearest(queries))
+
+
+@pytest.mark.parametrize("kept", [0.3, 0.93, 1.0])
+@pytest.mark.parametrize("data", ["clustered", "offset", "mixed", "low-rank"])
+def test_the_dense_lower_bound_never_exceeds_the_distance(monkeypatch, kept, data):
+    """Bound 4 itself, pair by pair: low[j] - 2 q'.m' from the bfloat16 product, less the query's offset,
+    is at most the squared distance (in the index's scaled coordinates), and the true nearest row is
+    always among the rows it lets through."""
+    import torch
+
+    monkeypatch.setattr(search, "_DENSE_KEPT", kept)
+    rng = np.random.default_rng(13)
+    if data == "clustered":
+        bank, queries = clustered(rng, 600, 48), clustered(rng, 80, 48)
+    elif data == "offset":
+        bank = (rng.normal(size=(600, 32)) + 1e4).astype(np.float32)
+        queries = (rng.normal(size=(80, 32)) + 1e4).astype(np.float32)
+    elif data == "mixed":
+        bank = (rng.normal(size=(600, 24)) * np.exp(rng.uniform(-8, 8, size=(600, 1)))).astype(np.float32)
+        queries = (rng.normal(size=(80, 24)) * np.exp(rng.uniform(-8, 8, size=(80, 1)))).astype(np.float32)
+    else:  # nearly all variance on 6 of 64 axes: the product keeps few of them
+        basis = rng.normal(size=(6, 64))
+        bank = (rng.normal(size=(600, 6)) @ basis + rng.normal(size=(600, 64)) * 0.05).astype(np.float32)
+        queries = (rng.normal(size=(80, 6)) @ basis + rng.normal(size=(80, 64)) * 0.05).astype(np.float32)
+    index = ClusterIndex(bank)
+    bank16, axes, low, *_ = index._dense_tables()
+    if kept < 1.0 and data == "low-rank":
+        assert bank16.shape[1] < bank.shape[1]  # the product is narrower than the rows
+    scaled = (queries.astype(np.float64) - index.mean) * index.dense_scale
+    turned, residual = search._turn(scaled, axes)
+    query16 = torch.from_numpy(np.concatenate([turned, residual[:, None]], 1).astype(np.float32))
+    products = torch.mm(bank16, query16.to(torch.bfloat16).t()).float().numpy().astype(np.float64)
+    offset = (1.0 - index.dense_error) * (scaled * scaled).sum(1) - search._DENSE_FLOOR
+    bounds = low.astype(np.float64)[:, None] - 2.0 * products + offset[None, :]  # rows x queries
+    rows = (index.bank.astype(np.float64) - index.mean) * index.dense_scale
+    d2 = ((scaled[None, :, :] - rows[:, None, :]) ** 2).sum(-1)
+    assert (bounds <= d2 * (1 + 1e-12)).all()
+    assert_same(bank, queries, index.nearest_dense(queries, np.full(len(queries), -1, np.int64)))
