@@ -29,7 +29,7 @@ Banks without cluster structure defeat bounds 1 and 2: the patches of a fine ran
 Tile) sit at nearly equal distances from each other, so almost every cluster has to be opened. For them
 the index has a second, dense path, exact too:
 
-4. Each row m is turned onto the bank's top principal axes, as many as keep 93 % of its variance, plus
+4. Each row m is turned onto the bank's top principal axes, as many as keep 90 % of its variance, plus
    one column for the norm r_m of what they leave out: m'. Since q.m <= q'.m' (Cauchy-Schwarz on the
    left-out parts), |q|^2 + |m|^2 - 2 q'.m' is a lower bound of |q - m|^2. A bfloat16 matrix product of
    the whole bank with a block of queries (about the bank mean, scaled by a power of two; float32 sums,
@@ -40,9 +40,9 @@ the index has a second, dense path, exact too:
    nearest, so only the rows whose lower bound lies below it can be nearest, and they are measured
    exactly as in 3. On Magnetic Tile these are a few rows per query, and every row tied at the nearest
    distance is among them. Fewer axes make the product cheaper and the bound looser (more rows to
-   measure); 93 % was the fastest share there. CPUs with AVX-512 BF16 or AMX run these products several
-   times faster than float32 ones (3.5x here); where a CPU lacks them the product is slow, and the trial
-   below keeps the clusters.
+   measure); 90 % was the fastest share there, at 224 and 320. CPUs with AVX-512 BF16 or AMX run these
+   products several times faster than float32 ones (3.5x here); where a CPU lacks them the product is
+   slow, and the trial below keeps the clusters.
 
 Which path is faster depends on the bank, the queries and the CPU, not on their answers, which are the
 same: the first call with enough queries runs both on the same queries, keeps the faster (`path`), and
@@ -82,7 +82,7 @@ _DENSE_PRODUCTS = 2**23  # ... so many bfloat16 products (16 MiB) at a time
 # bounds (|m|^2 is at most D after scaling, less twice the product) stay finite and above any limit a row
 # that is not skipped sets.
 _OUT_OF_REACH = np.uint16(0xFE96)
-_DENSE_KEPT = 0.93  # share of the bank's variance the dense path's product keeps (its principal axes) ...
+_DENSE_KEPT = 0.90  # share of the bank's variance the dense path's product keeps (its principal axes) ...
 _DENSE_WIDTH = 16  # ... in a multiple of so many columns, the last one the residual norm
 _SCAN = 64  # rows per chunk whose candidates the dense path looks for only if the chunk's bound allows
 _DENSE_FLOOR = 2.0**-100  # absolute slack of bound 4, for products of coordinates so small they underflow
