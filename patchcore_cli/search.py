@@ -578,9 +578,11 @@ def _dense_pick(
         for i in range(width):
             if chunk_min[c, a + i] < lowest[i]:
                 lowest[i], at[i] = chunk_min[c, a + i], c
+    best_d2 = np.full(width, np.inf)
+    best_row = np.full(width, np.int64(-1))
+    limit = np.full(width, np.float32(3.0e38))
     for i in range(width):
         r = first + a + i
-        best_d2, best_row = np.inf, np.int64(-1)
         c = at[i]
         j_lowest, lowest_bound = -1, np.float32(3.0e38)
         for j in range(c * _SCAN, min(count, (c + 1) * _SCAN)):
@@ -590,26 +592,30 @@ def _dense_pick(
             bound = low[j] - two * value[0]
             if bound < lowest_bound:
                 j_lowest, lowest_bound = j, bound
-        limit = np.float32(3.0e38)
         if j_lowest >= 0:
-            best_d2, best_row = _exact_sq(queries, r, bank, j_lowest), row[j_lowest]
-            limit = np.float32(best_d2 * scale_sq - offset[r])
-            if np.float64(limit) < best_d2 * scale_sq - offset[r]:  # round up, never down
-                limit = np.nextafter(limit, np.float32(np.inf))
-        for c in range(chunk_min.shape[0]):
-            if chunk_min[c, a + i] > limit:
+            best_d2[i], best_row[i] = _exact_sq(queries, r, bank, j_lowest), row[j_lowest]
+            wanted = best_d2[i] * scale_sq - offset[r]
+            limit[i] = np.float32(wanted)
+            if np.float64(limit[i]) < wanted:  # round up, never down
+                limit[i] = np.nextafter(limit[i], np.float32(np.inf))
+    # Chunk by chunk, so that each test reads the chunk's bounds for all the queries side by side.
+    for c in range(chunk_min.shape[0]):
+        for i in range(width):
+            if chunk_min[c, a + i] > limit[i]:
                 continue
+            r = first + a + i
             for j in range(c * _SCAN, min(count, (c + 1) * _SCAN)):
                 one[0] = np.uint32(bits[j, a + i]) << np.uint32(16)
-                if low[j] - two * value[0] > limit:
+                if low[j] - two * value[0] > limit[i]:
                     continue
                 if skip[r] >= 0 and sources[j] == skip[r]:
                     continue
                 d2 = _exact_sq(queries, r, bank, j)
-                if d2 < best_d2 or (d2 == best_d2 and row[j] < best_row):
-                    best_d2, best_row = d2, row[j]
-        out_d2[r] = best_d2
-        out_row[r] = best_row
+                if d2 < best_d2[i] or (d2 == best_d2[i] and row[j] < best_row[i]):
+                    best_d2[i], best_row[i] = d2, row[j]
+    for i in range(width):
+        out_d2[first + a + i] = best_d2[i]
+        out_row[first + a + i] = best_row[i]
 
 
 @numba.njit(cache=True, nogil=True)
