@@ -23,7 +23,12 @@ CROP_STEPS = (224, 320, 448)  # the sides `crop: auto` chooses from (each measur
 _MEASURED = {"backbone": "efficientnet_lite0", "framing": "whole", "stage_weighting": "none"}
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {**_MEASURED, "crop": 224, "coreset": 0.01},
-    "accurate": {**_MEASURED, "crop": AUTO_CROP, "max_crop": 448},
+    "accurate": {
+        **_MEASURED,
+        "backbone": "efficientnet_lite0+efficientnet_lite2",
+        "crop": AUTO_CROP,
+        "max_crop": 448,
+    },
 }
 MAX_IMAGE_SIZE = 4096  # a bank or config asking for more is refused before any image is resized
 MAX_TILE_SIZE = 65536

@@ -32,7 +32,7 @@ def test_preset_then_yaml_then_command_line(tmp_path):
     assert config_mod.build(yaml_file, coreset=0.2).coreset == 0.2
     accurate = config_mod.build(yaml_file, preset="accurate")
     assert (accurate.backbone, accurate.framing, accurate.max_crop, accurate.coreset) == (
-        "efficientnet_lite0",
+        "efficientnet_lite0+efficientnet_lite2",
         "whole",
         448,
         0.05,
