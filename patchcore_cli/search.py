@@ -302,29 +302,58 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-_POOL: tuple[int, int, object] | None = None  # (process id, threads, ThreadPoolExecutor), made once
+class _Workers:
+    """Threads kept for the parallel parts of searches: starting a thread pool per call cost about 0.3 ms,
+    once per block of queries. They are daemon threads, so an idle one never holds up the interpreter's
+    exit, and `_in_threads` waits for every part it hands out before it returns or raises."""
+
+    def __init__(self, count: int) -> None:
+        import os
+        import queue
+        import threading
+
+        self.pid, self.count = os.getpid(), count
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        for number in range(count):
+            threading.Thread(target=self._serve, name=f"search-{number}", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            run, lo, hi, done = self.tasks.get()
+            try:
+                run(lo, hi)
+            except BaseException as exc:  # handed to the caller, which raises it
+                done.put(exc)
+            else:
+                done.put(None)
+
+
+_WORKERS: _Workers | None = None
 
 
 def _in_threads(run: Callable[[int, int], None], bounds: np.ndarray) -> None:
-    """run(lo, hi) for each consecutive pair of `bounds`, in threads (the kernels release the GIL).
-
-    The threads are kept between calls: starting them costs about 0.3 ms, and the dense path calls this
-    twice per block of queries. A forked child (a data-loader worker) makes its own."""
-    global _POOL
+    """run(lo, hi) for each consecutive pair of `bounds`: the first in this thread, the others in kept
+    worker threads (the kernels release the GIL)."""
+    global _WORKERS
     import os
+    import queue
 
     parts = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
-    if len(parts) == 1:
+    if len(parts) > 1:
+        workers = _WORKERS
+        if workers is None or workers.pid != os.getpid() or workers.count < len(parts) - 1:
+            workers = _WORKERS = _Workers(len(parts) - 1)
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        for lo, hi in parts[1:]:
+            workers.tasks.put((run, lo, hi, done))
+    failure = None
+    try:
         run(*parts[0])
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = _POOL
-    if pool is None or pool[0] != os.getpid() or pool[1] < len(parts):
-        pool = (os.getpid(), len(parts), ThreadPoolExecutor(len(parts), thread_name_prefix="search"))
-        _POOL = pool
-    for future in [pool[2].submit(run, lo, hi) for lo, hi in parts]:
-        future.result()
+    finally:
+        for _ in parts[1:]:
+            failure = done.get() or failure
+    if failure is not None:
+        raise failure
 
 
 def _clusters(bank: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

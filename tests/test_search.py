@@ -292,3 +292,24 @@ def test_the_dense_lower_bound_never_exceeds_the_distance(monkeypatch, kept, dat
     d2 = ((scaled[None, :, :] - rows[:, None, :]) ** 2).sum(-1)
     assert (bounds <= d2 * (1 + 1e-12)).all()
     assert_same(bank, queries, index.nearest_dense(queries, np.full(len(queries), -1, np.int64)))
+
+
+def test_in_threads_runs_every_part_and_raises_a_failure_after_all_have_ended():
+    import threading
+    import time
+
+    ran, names = [], set()
+
+    def run(lo, hi):
+        names.add(threading.current_thread().name)
+        if lo == 2:
+            raise ValueError("part 2")
+        time.sleep(0.05)
+        ran.append((lo, hi))
+
+    with pytest.raises(ValueError, match="part 2"):
+        search._in_threads(run, np.array([0, 1, 2, 3]))
+    assert sorted(ran) == [(0, 1), (1, 2)]  # the failing part did not stop the others
+    assert len(names) == 3  # the caller and two kept worker threads
+    search._in_threads(run, np.array([0, 1]))  # one part: in this thread
+    assert all(thread.daemon for thread in threading.enumerate() if thread.name.startswith("search-"))
