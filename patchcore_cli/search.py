@@ -385,22 +385,27 @@ def _clusters(bank: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return ids, exact
 
 
+def _axes_of(centered: np.ndarray, sample_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """M x D float64 rows about their mean -> (D variances, D x D axes), largest first, from about
+    `sample_rows` evenly spaced rows."""
+    sample = centered[:: max(1, centered.shape[0] // sample_rows)]
+    values, vectors = np.linalg.eigh(sample.T @ sample)
+    return values[::-1], vectors[:, ::-1]
+
+
 def _principal_axes(centered: np.ndarray) -> np.ndarray:
     """M x D float64 rows about their mean -> D x k orthonormal top principal axes (k = min(32, D))."""
-    rows, dim = centered.shape
-    sample = centered[:: max(1, rows // _PCA_SAMPLE)]
-    _, vectors = np.linalg.eigh(sample.T @ sample)
-    return np.ascontiguousarray(vectors[:, ::-1][:, : min(_PCA_DIM, dim)])
+    _, vectors = _axes_of(centered, _PCA_SAMPLE)
+    return np.ascontiguousarray(vectors[:, : min(_PCA_DIM, centered.shape[1])])
 
 
 def _dense_axes(centered: np.ndarray) -> np.ndarray:
     """M x D float64 rows about their mean -> D x (W - 1) orthonormal top principal axes for bound 4: the
     fewest that keep _DENSE_KEPT of the variance of a sample, W a multiple of _DENSE_WIDTH; all D axes if
     that is not fewer columns than D. Any orthonormal axes give a valid bound; more keep it tighter."""
-    rows, dim = centered.shape
-    sample = centered[:: max(1, rows // (4 * _PCA_SAMPLE))]
-    values, vectors = np.linalg.eigh(sample.T @ sample)
-    values, vectors = np.maximum(values[::-1], 0.0), vectors[:, ::-1]
+    dim = centered.shape[1]
+    values, vectors = _axes_of(centered, 4 * _PCA_SAMPLE)
+    values = np.maximum(values, 0.0)
     kept = np.cumsum(values) / max(float(values.sum()), 1e-300)
     wanted = int(np.searchsorted(kept, _DENSE_KEPT)) + 1
     width = -(-(wanted + 1) // _DENSE_WIDTH) * _DENSE_WIDTH
