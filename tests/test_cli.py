@@ -38,6 +38,22 @@ def test_version():
     assert result.exit_code == 0 and result.stdout.strip() == f"patchcore {__version__}"
 
 
+def test_the_entry_point_leaves_its_objects_out_of_the_exit_collections(monkeypatch):
+    import gc
+
+    from patchcore_cli import cli
+
+    monkeypatch.setattr("sys.argv", ["patchcore", "--version"])
+    gc.unfreeze()
+    try:
+        with pytest.raises(SystemExit) as ended:
+            cli.main()
+        assert ended.value.code == 0
+        assert gc.get_freeze_count() > 0  # frozen even though the command ended by raising SystemExit
+    finally:
+        gc.unfreeze()
+
+
 def test_fit_table_lists_stages_and_threshold(washer, tmp_path):
     result = invoke(
         "fit", washer / "train" / "good", "--out", tmp_path / "b.st", *TINY_OPTIONS, "--coreset", "0.2"

@@ -247,7 +247,8 @@ def test_interrupt_and_service_stop_end_cleanly(tmp_path, bank_file, sent, code)
         "--bank",
         str(bank_file),
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # faulthandler: if it hangs, SIGABRT makes the child print every thread's stack before it dies
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
     seen = []
@@ -257,7 +258,12 @@ def test_interrupt_and_service_stop_end_cleanly(tmp_path, bank_file, sent, code)
             break
     time.sleep(0.2)
     proc.send_signal(sent)
-    _, rest = proc.communicate(timeout=180)  # generous: on a loaded machine it once took over 60 s
+    try:
+        _, rest = proc.communicate(timeout=180)  # generous: on a loaded machine it once took over 60 s
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, rest = proc.communicate(timeout=60)
+        pytest.fail(f"no exit within 180 s of {sent.name}; its stacks:\n{''.join(seen)}{rest}")
     stderr = "".join(seen) + rest
     assert proc.returncode == code, stderr
     assert "Traceback" not in stderr and "0 scored, 0 anomalous, 0 unreadable" in stderr
