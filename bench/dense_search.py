@@ -7,7 +7,8 @@ the first --images test images with the bank's own configuration, then, for each
 variance kept by the product's principal axes (`search._DENSE_KEPT`), builds the index afresh and times
 `ClusterIndex.nearest_dense` on all their patches (best of --repeat). Per setting it prints one JSON line:
 the product's columns, ms per image in all, and the part spent in the matrix product, in the chunk scan
-and in measuring the rows left. It checks that every setting returns the same rows and distances.
+and in measuring the rows left (the search threads' time in each, summed, over the number of threads).
+It checks that every setting returns the same rows and distances.
 """
 
 from __future__ import annotations
@@ -50,21 +51,23 @@ def main() -> None:
     skips = np.full(len(queries), -1, np.int64)
     memory = np.ascontiguousarray(loaded.memory_bank, np.float32)
 
+    # Each search thread runs the three stages of its blocks itself, so a stage's figure is the time the
+    # threads spent in it, summed, divided by the number of threads.
     spent = {"product": 0.0, "scan": 0.0, "measure": 0.0}
-    real_mm, real_threads = torch.mm, search._in_threads
-    calls = [0]
+    real = {"product": torch.mm, "scan": search._dense_chunk_min, "measure": search._dense_pick}
+    threads = max(1, torch.get_num_threads())
 
-    def timed_mm(*a, **k):
-        began = time.perf_counter()
-        out = real_mm(*a, **k)
-        spent["product"] += time.perf_counter() - began
-        return out
+    def timed(stage):
+        def run(*a, **k):
+            began = time.perf_counter()
+            out = real[stage](*a, **k)
+            spent[stage] += (time.perf_counter() - began) / threads  # += under the GIL
+            return out
 
-    def timed_threads(run, bounds):
-        began = time.perf_counter()
-        real_threads(run, bounds)
-        spent["scan" if calls[0] % 2 == 0 else "measure"] += time.perf_counter() - began
-        calls[0] += 1
+        return run
+
+    def install(functions):
+        torch.mm, search._dense_chunk_min, search._dense_pick = functions
 
     reference = None
     for kept in (float(value) for value in args.kept.split(",")):
@@ -72,19 +75,18 @@ def main() -> None:
         index = search.ClusterIndex(memory)
         columns = int(index._dense_tables()[0].shape[1])
         index.nearest_dense(queries[:16], skips[:16])  # compile or load the kernels
-        torch.mm, search._in_threads = timed_mm, timed_threads
+        install([timed(stage) for stage in real])
         best = None
         try:
             for _ in range(args.repeat):
                 spent.update(product=0.0, scan=0.0, measure=0.0)
-                calls[0] = 0
                 began = time.perf_counter()
                 found = index.nearest_dense(queries, skips)
                 total = time.perf_counter() - began
                 if best is None or total < best[0]:
                     best = (total, dict(spent))
         finally:
-            torch.mm, search._in_threads = real_mm, real_threads
+            install(list(real.values()))
         if reference is None:
             reference = found
         same = all(np.array_equal(a, b) for a, b in zip(found, reference, strict=True))

@@ -226,31 +226,37 @@ class ClusterIndex:
         # d2 scale^2 - (1 - E) |q|^2 (in float64, rounded up to float32 by the kernel). The floor covers
         # products of coordinates so small they underflow.
         offset = (1.0 - self.dense_error) * (scaled * scaled).sum(1) - _DENSE_FLOOR
-        step = min(count, max(16, min(_DENSE_BLOCK, _DENSE_PRODUCTS // self.rows)))
-        # Bank rows by queries: a row's products with the block's queries lie side by side, so the scan
-        # below runs along them in vector registers.
-        products = torch.empty((self.rows, step), dtype=torch.bfloat16)
-        chunk_min = np.empty((-(-self.rows // _SCAN), step), np.float32)
+        # Each thread takes blocks of queries and runs all of a block itself: the product (torch held to
+        # this one thread), the chunk scan, the pick. torch's own threads would otherwise keep spinning on
+        # their cores for milliseconds after each product, while our threads scan it (1.1-1.6x slower).
         threads = max(1, _threads())
-        by_chunk = np.linspace(0, chunk_min.shape[0], min(chunk_min.shape[0], threads) + 1).astype(int)
+        step = min(count, max(16, min(_DENSE_BLOCK, _DENSE_PRODUCTS // threads // self.rows)))
+        starts = iter(range(0, count, step))  # next() is atomic: each block goes to one thread
+        chunks = -(-self.rows // _SCAN)
         tables = (low, offset, self.dense_scale**2, queries, self.bank, self.row, self.sources, skips)
-        for lo in range(0, count, step):
-            width = min(count, lo + step) - lo
-            block = products if width == step else torch.empty((self.rows, width), dtype=torch.bfloat16)
-            torch.mm(bank16, scaled16[lo : lo + width].t(), out=block)
-            bits = block.view(torch.int16).numpy().view(np.uint16)  # bfloat16: a float32's top 16 bits
-            _dense_skip(bits, lo, skips, *by_source)
-            least = chunk_min if width == step else np.empty((chunk_min.shape[0], width), np.float32)
-            _in_threads(
-                lambda a, b, bits=bits, least=least: _dense_chunk_min(bits, low, a, b, least), by_chunk
-            )
-            by_query = np.linspace(0, width, min(width, threads) + 1).astype(int)
-            _in_threads(
-                lambda a, b, bits=bits, least=least, lo=lo: _dense_pick(
-                    bits, lo, a, b, least, *tables, out_d2, out_row
-                ),
-                by_query,
-            )
+
+        def run(_lo: int, _hi: int) -> None:
+            torch.set_num_threads(1)  # this thread's own setting (the caller's is put back below)
+            # Bank rows by queries: a row's products with the block's queries lie side by side, so the
+            # scan runs along them in vector registers.
+            products = torch.empty((self.rows, step), dtype=torch.bfloat16)
+            chunk_min = np.empty((chunks, step), np.float32)
+            for lo in starts:
+                width = min(count, lo + step) - lo
+                block = products if width == step else torch.empty((self.rows, width), dtype=torch.bfloat16)
+                torch.mm(bank16, scaled16[lo : lo + width].t(), out=block)
+                bits = block.view(torch.int16).numpy().view(np.uint16)  # bfloat16: a float32's top 16 bits
+                _dense_skip(bits, lo, skips, *by_source)
+                least = chunk_min if width == step else np.empty((chunks, width), np.float32)
+                _dense_chunk_min(bits, low, 0, chunks, least)
+                _dense_pick(bits, lo, 0, width, least, *tables, out_d2, out_row)
+
+        blocks = -(-count // step)
+        before = torch.get_num_threads()
+        try:
+            _in_threads(run, np.arange(min(blocks, threads) + 1))
+        finally:
+            torch.set_num_threads(before)
         return out_d2, out_row
 
     def _dense_tables(self) -> tuple:

@@ -229,6 +229,22 @@ def test_dense_path_in_blocks_of_few_queries(monkeypatch):
     assert_same(bank, queries, forced(bank, "dense", sources).nearest(queries, skip), skip, sources)
 
 
+def test_the_dense_path_gives_the_caller_back_its_torch_threads(monkeypatch):
+    """Each search thread holds torch to one thread while it multiplies; the caller is one of them."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        monkeypatch.setattr(search, "_DENSE_PRODUCTS", 1)  # 16 queries per block: blocks for each thread
+        rng = np.random.default_rng(14)
+        bank, queries = clustered(rng, 500, 24), clustered(rng, 100, 24)
+        assert_same(bank, queries, forced(bank, "dense").nearest(queries))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_dense_path_on_a_texture_like_bank():
     """No cluster structure at all: rows at nearly equal distances, the case the dense path is for."""
     rng = np.random.default_rng(11)
