@@ -249,7 +249,14 @@ def test_interrupt_and_service_stop_end_cleanly(tmp_path, bank_file, sent, code)
     ]
     # faulthandler: if it hangs, SIGABRT makes the child print every thread's stack before it dies
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Started as a terminal starts a program, with SIGINT not ignored. A shell starts its background jobs
+    # (`pytest &` in a script) with SIGINT ignored, a child inherits that, and Python then installs no
+    # Ctrl-C handler: the watch would rightly ignore the SIGINT, as a background job should.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a handler is not inherited
+    try:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert proc.stderr is not None
     seen = []
     for line in proc.stderr:  # wait until it is watching
