@@ -77,7 +77,8 @@ _CENTER_MARGIN = 1e-10
 _AUG_MARGIN = 1e-5
 _FLOAT32_SAFE_EXPONENT = 60  # descriptions are kept below 2^60, so their float32 squares stay finite
 _DENSE_BLOCK = 448  # queries per matrix product of the dense path, at most ...
-_DENSE_PRODUCTS = 2**23  # ... so many bfloat16 products (16 MiB) at a time
+_DENSE_PRODUCTS = 2**25  # ... so many bfloat16 products (64 MiB) at a time, over all threads: narrower
+# blocks made the product slower on large banks (Magnetic Tile at 320 and 448, docs/benchmarks.md)
 # A skipped row's product q.m is set to this bfloat16 (about -1e38, a float32's top half), so that its
 # bounds (|m|^2 is at most D after scaling, less twice the product) stay finite and above any limit a row
 # that is not skipped sets.
