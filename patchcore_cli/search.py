@@ -249,8 +249,8 @@ class ClusterIndex:
                 bits = block.view(torch.int16).numpy().view(np.uint16)  # bfloat16: a float32's top 16 bits
                 _dense_skip(bits, lo, skips, *by_source)
                 least = chunk_min if width == step else np.empty((chunks, width), np.float32)
-                _dense_chunk_min(bits, low, 0, chunks, least)
-                _dense_pick(bits, lo, 0, width, least, *tables, out_d2, out_row)
+                _dense_chunk_min(bits, low, least)
+                _dense_pick(bits, lo, least, *tables, out_d2, out_row)
 
         blocks = -(-count // step)
         before = torch.get_num_threads()
@@ -565,15 +565,15 @@ def _dense_skip(
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def _dense_chunk_min(bits: np.ndarray, low: np.ndarray, c0: int, c1: int, chunk_min: np.ndarray) -> None:
-    # For chunks c0 .. c1 - 1 of _SCAN rows: each query's smallest low[j] - 2 q'.m' over the chunk's rows,
+def _dense_chunk_min(bits: np.ndarray, low: np.ndarray, chunk_min: np.ndarray) -> None:
+    # For each chunk of _SCAN rows: each query's smallest low[j] - 2 q'.m' over the chunk's rows,
     # from the products' bfloat16 bits (rows by queries). The inner loops run along the queries, element
     # by element, so LLVM vectorises them (a min reduction along the rows it does not).
     count, width = bits.shape
     wide = np.empty(width, np.uint32)
     values = wide.view(np.float32)
     two = np.float32(2.0)
-    for c in range(c0, c1):
+    for c in range(chunk_min.shape[0]):
         least = chunk_min[c]
         for i in range(width):
             least[i] = np.float32(3.0e38)
@@ -590,8 +590,6 @@ def _dense_chunk_min(bits: np.ndarray, low: np.ndarray, c0: int, c1: int, chunk_
 def _dense_pick(
     bits: np.ndarray,
     first: int,
-    a: int,
-    b: int,
     chunk_min: np.ndarray,
     low: np.ndarray,
     offset: np.ndarray,
@@ -604,12 +602,11 @@ def _dense_pick(
     out_d2: np.ndarray,
     out_row: np.ndarray,
 ) -> None:
-    # Bound 4 for the block's queries a .. b - 1 (query first + i for column i). The row with the lowest
+    # Bound 4 for the block's queries (query first + i for column i). The row with the lowest
     # lower bound is measured first; its distance limits the rest to the rows whose lower bound is below
     # it, which are measured exactly; ties to the lowest bank row. A chunk's rows are looked at only if
     # the chunk's lowest bound is below the limit.
-    count = bits.shape[0]
-    width = b - a
+    count, width = bits.shape
     one = np.empty(1, np.uint32)
     value = one.view(np.float32)
     two = np.float32(2.0)
@@ -617,19 +614,19 @@ def _dense_pick(
     at = np.zeros(width, np.int64)
     for c in range(chunk_min.shape[0]):
         for i in range(width):
-            if chunk_min[c, a + i] < lowest[i]:
-                lowest[i], at[i] = chunk_min[c, a + i], c
+            if chunk_min[c, i] < lowest[i]:
+                lowest[i], at[i] = chunk_min[c, i], c
     best_d2 = np.full(width, np.inf)
     best_row = np.full(width, np.int64(-1))
     limit = np.full(width, np.float32(3.0e38))
     for i in range(width):
-        r = first + a + i
+        r = first + i
         c = at[i]
         j_lowest, lowest_bound = -1, np.float32(3.0e38)
         for j in range(c * _SCAN, min(count, (c + 1) * _SCAN)):
             if skip[r] >= 0 and sources[j] == skip[r]:
                 continue
-            one[0] = np.uint32(bits[j, a + i]) << np.uint32(16)
+            one[0] = np.uint32(bits[j, i]) << np.uint32(16)
             bound = low[j] - two * value[0]
             if bound < lowest_bound:
                 j_lowest, lowest_bound = j, bound
@@ -642,11 +639,11 @@ def _dense_pick(
     # Chunk by chunk, so that each test reads the chunk's bounds for all the queries side by side.
     for c in range(chunk_min.shape[0]):
         for i in range(width):
-            if chunk_min[c, a + i] > limit[i]:
+            if chunk_min[c, i] > limit[i]:
                 continue
-            r = first + a + i
+            r = first + i
             for j in range(c * _SCAN, min(count, (c + 1) * _SCAN)):
-                one[0] = np.uint32(bits[j, a + i]) << np.uint32(16)
+                one[0] = np.uint32(bits[j, i]) << np.uint32(16)
                 if low[j] - two * value[0] > limit[i]:
                     continue
                 if skip[r] >= 0 and sources[j] == skip[r]:
@@ -655,8 +652,8 @@ def _dense_pick(
                 if d2 < best_d2[i] or (d2 == best_d2[i] and row[j] < best_row[i]):
                     best_d2[i], best_row[i] = d2, row[j]
     for i in range(width):
-        out_d2[first + a + i] = best_d2[i]
-        out_row[first + a + i] = best_row[i]
+        out_d2[first + i] = best_d2[i]
+        out_row[first + i] = best_row[i]
 
 
 @numba.njit(cache=True, nogil=True)
