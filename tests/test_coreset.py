@@ -259,7 +259,8 @@ def run_batched_fallback(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """The batched fallback from the state after the first pick, on rows shuffled as the search leaves them.
 
-    Returns the picks (original indices), the final squared distances (by original index) and the passes.
+    Returns the picks (original indices), the squared distances (by original index; a frozen row's is an
+    upper bound) and the fallback's counts.
     """
     points = np.asarray(points, dtype=np.float32)
     n = len(points)
@@ -275,10 +276,10 @@ def run_batched_fallback(
     centers = np.empty((n_select, points.shape[1]), dtype=np.float32)
     centers[0] = rows[start_row]
     sketch, tolerance = coreset._sketch(rows)
-    passes = coreset._batched_greedy(rows, orig, nearest, sketch, tolerance, centers, order, is_center, 1)
+    counts = coreset._batched_greedy(rows, orig, nearest, sketch, tolerance, centers, order, is_center, 1)
     by_orig = np.empty(n)
     by_orig[orig] = nearest
-    return order, by_orig, passes
+    return order, by_orig, counts
 
 
 def fallback_data(kind: str) -> np.ndarray:
@@ -298,10 +299,10 @@ def fallback_data(kind: str) -> np.ndarray:
 def test_batched_fallback_matches_brute_force(kind: str, shuffle_seed: int | None) -> None:
     features = fallback_data(kind)
     n_select = min(len(features), 1200)
-    order, _, passes = run_batched_fallback(features, n_select, start=7, shuffle_seed=shuffle_seed)
+    order, _, counts = run_batched_fallback(features, n_select, start=7, shuffle_seed=shuffle_seed)
     np.testing.assert_array_equal(order, brute_force_greedy(features, n_select, 7))
     if kind == "normal":
-        assert passes < n_select / 8  # several picks per pass over the rows
+        assert counts["passes"] < n_select / 8  # several picks per pass over the rows
 
 
 @pytest.mark.parametrize("n_select", [1, 2, 3, 37, 300, 1001])
@@ -331,6 +332,27 @@ def test_batched_fallback_is_the_same_on_any_number_of_threads() -> None:
     np.testing.assert_array_equal(results[0][0], brute_force_greedy(features, 1500, 11))
 
 
+@pytest.mark.parametrize("kind", ["normal", "binary", "duplicates"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_frozen_rows_come_back_in_time(kind: str, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Freeze as soon as 16 rows are far below the best value, so that on a small problem rows are frozen,
+    # brought back and frozen again many times. The picks must still be the plain loop's.
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip("needs two threads")
+    monkeypatch.setattr(coreset, "_FREEZE_MIN", 16)
+    features = fallback_data(kind)
+    n_select = min(len(features), 1200)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(threads)
+        order, _, counts = run_batched_fallback(features, n_select, start=7, shuffle_seed=1)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(order, brute_force_greedy(features, n_select, 7))
+    assert counts["frozen"] > 0 and counts["thawed"] > 0
+    assert counts["pairs"] < 0.8 * len(features) * (n_select - 1)  # frozen rows skip passes
+
+
 @pytest.mark.parametrize("offset", [0.0, 1e4])
 def test_batch_pass_lowers_exactly_the_rows_a_center_comes_closer_to(offset: float) -> None:
     # Small integers, so every distance is exact. The sketch is the first 32 coordinates themselves (a
@@ -348,7 +370,8 @@ def test_batch_pass_lowers_exactly_the_rows_a_center_comes_closer_to(offset: flo
     nearest[::11] = 0.0
     expected = np.minimum(nearest, exact.min(axis=1))
     sketch = np.ascontiguousarray(points[:, :32])
-    leading, norms = coreset._leading(sketch)
+    rows = np.arange(5000)
+    leading, norms = coreset._leading(sketch, rows), coreset._norms(sketch)
     n_blocks = -(-5000 // coreset._PASS_ROWS)
     top = (
         np.empty((n_blocks, 8)),
@@ -356,7 +379,6 @@ def test_batch_pass_lowers_exactly_the_rows_a_center_comes_closer_to(offset: flo
         np.empty((n_blocks, 8), dtype=np.int64),
     )
     size = np.zeros(n_blocks, dtype=np.int64)
-    rows = np.arange(5000)
     coreset._batch_pass(
         points,
         sketch,
@@ -370,6 +392,7 @@ def test_batch_pass_lowers_exactly_the_rows_a_center_comes_closer_to(offset: flo
         nearest,
         rows,
         0.0,
+        rows,
         *top,
         size,
     )
