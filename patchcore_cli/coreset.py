@@ -75,8 +75,8 @@ _LEADING = 16
 _SUB = 256
 # The fallback's frozen rows (`_batched_greedy`): rows below _FREEZE times the best candidate's value are
 # set aside once there are at least _FREEZE_MIN of them and a quarter of the rows in the passes; when a
-# frozen row might come first, those at or above _THAW times the best value are brought back. Measured on
-# Magnetic Tile, capsule and bottle patches at 224 and 320: 0.6 and 0.8 beat 0.5-0.9 and 0.7-0.95.
+# frozen row might come first, those at or above _THAW times the best value are brought back. 0.6 / 0.8 was
+# the fastest of 0.4-0.9 / 0.7-0.95 on Magnetic Tile patches at 224; on capsule's at 320 all were alike.
 _FREEZE = 0.6
 _THAW = 0.8
 _FREEZE_MIN = _PASS_ROWS
@@ -633,13 +633,14 @@ def _batched_greedy(
     ceiling = -1.0  # the largest value of a frozen row (-1: none)
     since = np.zeros(n, dtype=np.int64)  # a frozen row's value takes the picks before this one into account
 
-    def run(rows: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        # Apply picks lo .. hi - 1 to `rows`; returns their leading coordinates as the pass read them.
+    def apply_new(rows: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        # `apply` to rows whose leading coordinates are not laid out yet; returns them.
         leading = _leading(sketch, rows)
-        rerun(rows, leading, lo, hi)
+        apply(rows, leading, lo, hi)
         return leading
 
-    def rerun(rows: np.ndarray, leading: np.ndarray, lo: int, hi: int) -> None:
+    def apply(rows: np.ndarray, leading: np.ndarray, lo: int, hi: int) -> None:
+        # One pass: picks lo .. hi - 1 lower the values of `rows`, and the candidates are found among them.
         fixed = (points, sketch, leading, norms, centers, center_sketch, center_norms)
         _batch_pass(*fixed, lo, hi, nearest, orig, tolerance, rows, *top)
         counts["pairs"] += rows.size * (hi - lo)
@@ -653,7 +654,7 @@ def _batched_greedy(
             ceiling = max(ceiling, float(nearest[rows].max()))
             counts["frozen"] += rows.size
 
-    leading = run(active, first, first)
+    leading = apply_new(active, first, first)
     t = first
     while True:
         best = _best_value(top[0], top[3])
@@ -665,11 +666,11 @@ def _batched_greedy(
             ceiling = float(values[~back].max()) if frozen.size else -1.0
             counts["thawed"] += thawed.size
             for when in np.unique(since[thawed]):
-                run(np.sort(thawed[since[thawed] == when]), int(when), t)
+                apply_new(np.sort(thawed[since[thawed] == when]), int(when), t)
             cold = nearest[thawed] < _FREEZE * best
             freeze(thawed[cold], t)
             active = np.union1d(active, thawed[~cold])
-            leading = run(active, t, t)  # no picks: the candidates, the thawed rows among them
+            leading = apply_new(active, t, t)  # no picks: the candidates, the thawed rows among them
             continue
         start = t
         t = _batch_picks(
@@ -689,7 +690,7 @@ def _batched_greedy(
         )
         if t < 0:  # every pick is made
             return counts
-        rerun(active, leading, start, t)
+        apply(active, leading, start, t)
         counts["passes"] += 1
         cold = nearest[active] < _FREEZE * _best_value(top[0], top[3])
         many = int(np.count_nonzero(cold))
