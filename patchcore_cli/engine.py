@@ -1163,6 +1163,12 @@ class _Part:
         self.standard = Standardisation.of(bank.calibration) if ensemble else Standardisation()
 
 
+# Patches per search in `Scorer.score_paths`: several of the backbone's batches at 224 (784 patches an
+# image), one at 448. Measured on Magnetic Tile at 224: 6,272 patches a call took 15.5 ms an image in the
+# search, 25,088 took 11.5.
+_SEARCH_ROWS = 16384
+
+
 class Scorer:
     """Scores images against a loaded bank with the configuration the bank was fitted with."""
 
@@ -1258,11 +1264,14 @@ class Scorer:
         results: list[ScoreResult] = []
         extractors = [part.extractor for part in self.parts]
         limit = max_pixels or DEFAULT_MAX_PIXELS
-        for decoded, embeddings in embed_paths(paths, extractors, self.timings, progress, limit, skip_bad):
+        held: list[Decoded] = []
+        embedded: list[list[Patches]] = [[] for _ in self.parts]
+
+        def flush() -> None:
             scored = iter(
-                self._score_batch([item for item in decoded if item.error is None], embeddings, keep_maps)
+                self._score_batch([item for item in held if item.error is None], embedded, keep_maps)
             )
-            for item in decoded:
+            for item in held:
                 if item.error is not None:
                     result = ScoreResult(item.path, error=item.error.problem)
                 else:
@@ -1270,6 +1279,19 @@ class Scorer:
                 results.append(result)
                 if on_result is not None:
                     on_result(result)
+            held.clear()
+            for patches in embedded:
+                patches.clear()
+
+        # The backbone's batches are searched together once they hold _SEARCH_ROWS patches: the search
+        # costs less per patch on more of them, where the backbone runs best on batch_size views.
+        for decoded, embeddings in embed_paths(paths, extractors, self.timings, progress, limit, skip_bad):
+            held.extend(decoded)
+            for patches, new in zip(embedded, embeddings, strict=True):
+                patches.extend(new)
+            if sum(len(p.rows) for p in embedded[0]) >= _SEARCH_ROWS:
+                flush()
+        flush()
         return results
 
     def _score_batch(

@@ -40,6 +40,44 @@ def test_scores_do_not_depend_on_batch_size(fitted, washer):
         np.testing.assert_allclose(maps, runs[0][1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("search_rows", [1, 150, 10**9])
+def test_batches_searched_together_give_the_same_results_in_order(
+    fitted, washer, tmp_path, monkeypatch, search_rows
+):
+    # The backbone's batches (2 images, 64 patches each) are searched together once they hold
+    # `_SEARCH_ROWS` patches: every batch on its own (1), about two at a time (150), all at the end. The
+    # results, an unreadable file among them, come in input order, each handed on as it is scored.
+    from patchcore_cli import engine
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    paths = list_images([washer / "test"])
+    paths = [*paths[:3], broken, *paths[3:]]
+    reference = Scorer(fitted.bank, batch_size=2).score_paths(paths, keep_maps=True, skip_bad=True)
+    monkeypatch.setattr(engine, "_SEARCH_ROWS", search_rows)
+    searches = []
+    real = Scorer._score_batch
+
+    def counted(self, items, embeddings, keep_maps):
+        searches.append(len(items))
+        return real(self, items, embeddings, keep_maps)
+
+    monkeypatch.setattr(Scorer, "_score_batch", counted)
+    handed = []
+    results = Scorer(fitted.bank, batch_size=2).score_paths(
+        paths, keep_maps=True, skip_bad=True, on_result=handed.append
+    )
+    assert [r.path for r in results] == [r.path for r in handed] == [r.path for r in reference] == paths
+    assert results[3].error is not None and results[3].score is None
+    good = [i for i in range(len(paths)) if i != 3]
+    for i in good:
+        assert results[i].score == pytest.approx(reference[i].score, rel=1e-5)
+        np.testing.assert_allclose(results[i].anomaly_map, reference[i].anomaly_map, rtol=1e-5, atol=1e-5)
+    batches = -(-(len(paths) - 1) // 2)
+    expected = {1: batches, 150: -(-batches // 2)}.get(search_rows, 1)
+    assert len([n for n in searches if n]) == expected, searches
+
+
 def test_heatmap_peaks_at_the_defect(tmp_path):
     # Good images: smooth grey-level gradients with noise. The defect: a bright checkered square.
     rng = np.random.default_rng(0)
