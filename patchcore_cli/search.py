@@ -311,8 +311,8 @@ def _threads() -> int:
 
 class _Workers:
     """Threads kept for the parallel parts of searches: starting a thread pool cost about 0.3 ms a call.
-    They are daemon threads, so an idle one never holds up the interpreter's
-    exit, and `_in_threads` waits for every part it hands out before it returns or raises."""
+    They are daemon threads, so an idle one never holds up the interpreter's exit, and `_in_threads`
+    waits for every part it hands out before it returns or raises."""
 
     def __init__(self, count: int) -> None:
         import os
