@@ -206,6 +206,14 @@ NeighboursOpt = Annotated[
         "--num-neighbors", help="Bank neighbours b of the eq. 7 reweighting; 1 turns it off. Default 9."
     ),
 ]
+ImageScoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--image-score",
+        help="s* of the image score: map (default), the peak of the blurred anomaly map; patch, the "
+        "largest patch score (paper eq. 6).",
+    ),
+]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for coreset and calibration; default 42.")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Images per forward pass; default 8.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch and faiss.")]
@@ -358,6 +366,7 @@ def fit(
     stage_weighting: WeightingOpt = None,
     patch_size: PatchSizeOpt = None,
     num_neighbors: NeighboursOpt = None,
+    image_score: ImageScoreOpt = None,
     image_size: ImageSizeOpt = None,
     framing: FramingOpt = None,
     tile_size: TileSizeOpt = None,
@@ -1032,6 +1041,7 @@ _FIT_OPTIONS = (
     "stage_weighting",
     "patch_size",
     "num_neighbors",
+    "image_score",
     "image_size",
     "framing",
     "tile_size",
@@ -1073,6 +1083,7 @@ def benchmark_mvtec(
     stage_weighting: WeightingOpt = None,
     patch_size: PatchSizeOpt = None,
     num_neighbors: NeighboursOpt = None,
+    image_score: ImageScoreOpt = None,
     image_size: ImageSizeOpt = None,
     framing: FramingOpt = None,
     tile_size: TileSizeOpt = None,
@@ -1174,6 +1185,7 @@ def benchmark_folder(
     stage_weighting: WeightingOpt = None,
     patch_size: PatchSizeOpt = None,
     num_neighbors: NeighboursOpt = None,
+    image_score: ImageScoreOpt = None,
     image_size: ImageSizeOpt = None,
     framing: FramingOpt = None,
     tile_size: TileSizeOpt = None,

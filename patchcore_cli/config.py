@@ -20,7 +20,12 @@ AUTO_CROP = 0  # `crop: auto`: chosen at fit time from the training images' size
 CROP_STEPS = (224, 320, 448)  # the sides `crop: auto` chooses from (each measured, docs/benchmarks.md)
 # Bundles of options chosen from measurements (README, "Benchmark results"). CLI and YAML override them.
 # Each pins what was measured, so a later change of defaults does not change a preset.
-_MEASURED = {"backbone": "efficientnet_lite0", "framing": "whole", "stage_weighting": "none"}
+_MEASURED = {
+    "backbone": "efficientnet_lite0",
+    "framing": "whole",
+    "stage_weighting": "none",
+    "image_score": "patch",
+}
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {**_MEASURED, "crop": 224, "coreset": 0.01},
     "accurate": {
@@ -33,6 +38,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 MAX_IMAGE_SIZE = 4096  # a bank or config asking for more is refused before any image is resized
 MAX_TILE_SIZE = 65536
 REDUCTIONS = ("avgpool", "random")  # see features.embed
+IMAGE_SCORES = ("map", "patch")  # see scoring.image_score
 STAGE_WEIGHTINGS = ("equal", "none")  # see features.embed
 
 
@@ -65,6 +71,9 @@ class FitConfig:
     num_neighbors: int = 9  # paper eq. 7: b = 9; 1 turns the reweighting off
     patch_size: int = 3  # paper §3.1: each feature is averaged over a p x p neighbourhood, p = 3
     sigma: float = 4.0  # paper §3.3
+    # s* of eq. 7: "map", the largest value of the blurred anomaly map; "patch", the largest patch score
+    # (paper eq. 6). The map's peak gained Magnetic Tile 0.0025 image AUROC (docs/benchmarks.md).
+    image_score: str = "map"
     precision: str = "fp32"
     # Calibration (docs/calibration.md): the false-alarm rate on good parts the threshold aims at, from
     # a seeded sample of good images left out one at a time; target_fpr None: mean + threshold_sigma std.
@@ -115,6 +124,7 @@ _STR_FIELDS = {
     "index",
     "framing",
     "stage_weighting",
+    "image_score",
     "device",
 }
 
@@ -204,6 +214,10 @@ def validate(config: FitConfig, source: str = "config") -> FitConfig:
             f"patch_size must be a positive odd number, got {config.patch_size}",
         ),
         (config.sigma >= 0, f"sigma must be >= 0, got {config.sigma}"),
+        (
+            config.image_score in IMAGE_SCORES,
+            f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {config.image_score!r}",
+        ),
         (
             config.reduction in REDUCTIONS,
             f"reduction must be one of {', '.join(REDUCTIONS)}, got {config.reduction!r}",
@@ -364,6 +378,7 @@ _BEFORE_FIELD: dict[str, Any] = {
     "tile_overlap": 0.25,
     "target_fpr": None,
     "coreset_max_rows": 0,
+    "image_score": "patch",
 }
 
 

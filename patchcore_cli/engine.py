@@ -873,10 +873,12 @@ def leave_one_out(
                 width, height = geometry.map_size
                 maps.append(np.zeros((height, width), np.float32))
                 continue
+            amap = image_map(distances, training.grids[index], geometry, config.sigma)
+            peak = float(amap.max()) if config.image_score == "map" else None
             scores[lo + row] = image_score(
-                rows, distances, nearest, searches[row], config.num_neighbors, skips[row]
+                rows, distances, nearest, searches[row], config.num_neighbors, skips[row], peak
             )
-            maps.append(image_map(distances, training.grids[index], geometry, config.sigma))
+            maps.append(amap)
         progress.advance(len(batch))
     return scores, maps
 
@@ -1309,23 +1311,27 @@ class Scorer:
                 distances, nearest = part.search.search(np.concatenate([p.rows for p in patches]), 1)
                 ends = np.cumsum([len(p.rows) for p in patches])[:-1]
                 distances, nearest = np.split(distances[:, 0], ends), np.split(nearest[:, 0], ends)
+            # image_score "map" takes s* from each image's map, so the maps are made even when not kept.
+            by_map = part.config.image_score == "map"
+            raw_maps: list[np.ndarray] = []
+            if keep_maps or by_map:
+                with self.timings.stage("map upsample + blur"):
+                    raw_maps = [
+                        image_map(d, p.grids, item.geometry, self.config.sigma)
+                        for p, d, item in zip(patches, distances, items, strict=True)
+                    ]
+            peaks = [float(m.max()) for m in raw_maps] if by_map else [None] * len(items)
+            with self.timings.stage("nearest-neighbour search"):
                 raw = np.array(
                     [
-                        image_score(p.rows, d, n, part.search, part.config.num_neighbors)
-                        for p, d, n in zip(patches, distances, nearest, strict=True)
+                        image_score(p.rows, d, n, part.search, part.config.num_neighbors, peak=peak)
+                        for p, d, n, peak in zip(patches, distances, nearest, peaks, strict=True)
                     ]
                 )
             scores += part.standard.image(raw) / len(self.parts)
             if keep_maps:
-                with self.timings.stage("map upsample + blur"):
-                    part_maps = [
-                        part.standard.pixel(image_map(d, p.grids, item.geometry, self.config.sigma))
-                        / len(self.parts)
-                        for p, d, item in zip(patches, distances, items, strict=True)
-                    ]
-                    maps = (
-                        part_maps if maps is None else [a + b for a, b in zip(maps, part_maps, strict=True)]
-                    )
+                part_maps = [part.standard.pixel(m) / len(self.parts) for m in raw_maps]
+                maps = part_maps if maps is None else [a + b for a, b in zip(maps, part_maps, strict=True)]
         return [
             ScoreResult(
                 path=item.path,

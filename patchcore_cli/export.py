@@ -110,8 +110,8 @@ def preprocess_image(path: str | Path, config: FitConfig) -> np.ndarray:
 
 
 class MemberGraph(nn.Module):
-    """One backbone and its bank: N x 3 x crop x crop pixels in [0, 1] -> (N raw image scores,
-    N x h x w patch scores).
+    """One backbone and its bank: N x 3 x crop x crop pixels in [0, 1] -> (N eq. 7 weights, N largest
+    patch scores s*, N x h x w patch scores).
 
     The bank is one constant per block of BLOCK_ROWS rows (B x D), used as the left operand of the
     distance product. onnxruntime copies a constant right operand into a packed layout at load time and
@@ -180,25 +180,25 @@ class MemberGraph(nn.Module):
         # differences, as the engine's search measures it: |q|^2 + |m|^2 - 2 q.m loses digits to
         # cancellation when the rows are far from the origin compared to their distances (WRN-50).
         distances = (queries - self._bank_rows(nearest)).square().sum(1).sqrt().reshape(batch, count)
-        score = self._image_score(patches, distances, nearest.reshape(batch, count))
-        return score, distances.reshape(batch, *maps[self.trunk.layers[0]].shape[-2:])
+        weight, score = self._weight(patches, distances, nearest.reshape(batch, count))
+        return weight, score, distances.reshape(batch, *maps[self.trunk.layers[0]].shape[-2:])
 
-    def _image_score(
+    def _weight(
         self, patches: torch.Tensor, distances: torch.Tensor, nearest: torch.Tensor
-    ) -> torch.Tensor:
-        """scoring.image_score for a batch: s* (eq. 6), reweighted by eq. 7 over the b nearest bank
-        neighbours of m*. patches N x P x D, distances and nearest N x P -> N scores."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """scoring.image_score for a batch, in two factors: eq. 7's weight over the b nearest bank
+        neighbours of m*, and s* (eq. 6). patches N x P x D, distances and nearest N x P -> N, N."""
         worst = distances.argmax(1, keepdim=True)  # N x 1: the first maximum, as numpy's argmax
         score = distances.gather(1, worst)[:, 0]  # N: s*
         if self.neighbours.shape[1] <= 1:
-            return score
+            return torch.ones_like(score), score
         hood = self.neighbours.index_select(0, nearest.gather(1, worst)[:, 0])  # N x b: m* first
         batch, b = hood.shape
         rows = self._bank_rows(hood.reshape(-1)).reshape(batch, b, -1)  # N x b x D
         worst_patch = patches.gather(1, worst[:, :, None].expand(-1, -1, patches.shape[2]))  # N x 1 x D
         gaps = (rows - worst_patch).square().sum(2).sqrt()  # N x b: |m_test* - m|
         gaps = torch.cat([score[:, None], gaps[:, 1:]], 1)  # |m_test* - m*| exactly as eq. 6 measured it
-        return (1.0 - torch.softmax(gaps, 1)[:, 0]) * score
+        return 1.0 - torch.softmax(gaps, 1)[:, 0], score
 
 
 def neighbour_table(bank: np.ndarray, num_neighbors: int, chunk: int = 1024) -> torch.Tensor:
@@ -234,9 +234,12 @@ class ScoreGraph(nn.Module):
         count = len(self.members)
         score = amap = torch.empty(0)
         for number, member in enumerate(self.members):
-            raw, patch_map = member(pixels)
-            part_score = member.standard.image(raw) / count
-            part_map = member.standard.pixel(anomaly_map(patch_map, self.crop, self.sigma)) / count
+            weight, largest, patch_map = member(pixels)
+            raw_map = anomaly_map(patch_map, self.crop, self.sigma)
+            # scoring.image_score: s* is the map's peak (image_score "map") or the largest patch score.
+            peak = raw_map.amax((1, 2)) if member.config.image_score == "map" else largest
+            part_score = member.standard.image(weight * peak) / count
+            part_map = member.standard.pixel(raw_map) / count
             score = part_score if number == 0 else score + part_score
             amap = part_map if number == 0 else amap + part_map
         # Scorer.normalize: a logistic in good-score std units, the calibrated threshold at 0.5.

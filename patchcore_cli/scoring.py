@@ -85,19 +85,23 @@ def image_score(
     search: NearestNeighbours,
     num_neighbors: int = NUM_NEIGHBORS,
     skip: int | None = None,
+    peak: float | None = None,
 ) -> float:
     """Image anomaly score from one image's patch scores (paper eq. 6-7).
 
     patches: P x D embeddings; distances: P patch scores (distance to the nearest bank entry); nearest:
-    P bank indices. s* is the largest patch score. With `num_neighbors` b > 1 it is reweighted by eq. 7:
+    P bank indices. s* is the largest patch score, or `peak` when given (image_score "map": the largest
+    value of the image's blurred anomaly map). With `num_neighbors` b > 1 it is reweighted by eq. 7:
     w = 1 - exp(|m_test* - m*|) / sum over the b nearest bank neighbours m of m* of exp(|m_test* - m|),
-    so an outlier patch whose bank match sits in a sparse region of the bank counts for more.
+    where m_test* is the patch with the largest score, so an outlier patch whose bank match sits in a
+    sparse region of the bank counts for more.
     skip: a source id whose bank rows are left out (calibration; see NearestNeighbours).
     """
     worst = int(np.argmax(distances))
     score = float(distances[worst])
+    scale = score if peak is None else float(peak)
     if num_neighbors <= 1:
-        return score
+        return scale
     m_star = search.bank[nearest[worst]]
     skips = None if skip is None else np.array([skip])
     _, neighbours = search.search(m_star[None, :], num_neighbors, skips)  # N_b(m*), m* itself first
@@ -106,7 +110,7 @@ def image_score(
     gaps[0] = score  # |m_test* - m*| exactly as eq. 6 measured it
     softmax = np.exp(gaps - gaps.max())
     softmax /= softmax.sum()
-    return float((1.0 - softmax[0]) * score)
+    return float((1.0 - softmax[0]) * scale)
 
 
 def image_map(

@@ -65,6 +65,7 @@ def test_ensemble_members_share_everything_but_the_backbone():
         ({"stage_weighting": "pca"}, "stage_weighting must be one of equal, none"),
         ({"patch_size": 4}, "patch_size must be a positive odd number, got 4"),
         ({"num_neighbors": 0}, "num_neighbors must be at least 1"),
+        ({"image_score": "mean"}, "image_score must be one of map, patch, got 'mean'"),
         ({"framing": "whole", "crop": 5000}, "crop must be auto or between 32 and 4096, got 5000"),
         ({"framing": "crop", "image_size": 200}, r"crop must be between 32 and image_size \(200\)"),
     ],

@@ -184,6 +184,33 @@ def test_banks_from_before_framing_and_weighting_keep_their_behaviour():
     assert (old.framing, old.stage_weighting, old.patch_size) == ("crop", "none", 3)
 
 
+def test_banks_from_before_the_map_peak_keep_the_largest_patch_score():
+    stored = config_mod.build(**TINY_CONFIG).model_dict()
+    assert config_mod.from_bank(stored).image_score == "map"  # the default for new banks
+    del stored["image_score"]
+    assert config_mod.from_bank(stored).image_score == "patch"
+
+
+@pytest.mark.parametrize("image_score", ["map", "patch"])
+def test_image_score_is_the_peak_it_names_in_scoring_and_in_calibration(washer, image_score):
+    """Without the eq. 7 weight (b = 1), the image score is s* itself: the peak of the image's anomaly
+    map ("map") or its largest patch score ("patch"), in `score` and in the leave-one-out calibration
+    alike, so that the threshold is on the same scale as the scores."""
+    config = config_mod.build(**TINY_CONFIG, num_neighbors=1, image_score=image_score)
+    result = fit(list_images([washer / "train" / "good"]), config)
+    assert result.bank.config["image_score"] == image_score
+    sample = result.bank.calibration_sample
+    scores, maxima = np.array(sample["scores"]), np.array(sample["map_maxima"])
+    results = Scorer(result.bank).score_paths(list_images([washer / "test"]), keep_maps=True)
+    scored = np.array([r.score for r in results])
+    peaks = np.array([r.anomaly_map.max() for r in results])
+    if image_score == "map":
+        np.testing.assert_allclose(scores, maxima, rtol=1e-6)
+        np.testing.assert_allclose(scored, peaks, rtol=1e-6)
+    else:  # the blur lowers a lone peak: the largest patch score lies above the map's
+        assert (scores > maxima).all() and (scored > peaks).all()
+
+
 def test_patch_size_is_the_neighbourhood_each_feature_is_averaged_over():
     import torch
 

@@ -225,13 +225,20 @@ def test_refuses_what_it_cannot_reproduce(tiny_bank):
         export.check_exportable(scorer)
 
 
-def test_graph_module_matches_the_engine_in_torch(tiny_bank, test_images, monkeypatch):
+@pytest.fixture(scope="module")
+def patch_bank(washer, tmp_path_factory) -> Path:
+    """The tiny bank with the paper's s*, the largest patch score, in place of the map's peak."""
+    return fitted_bank(washer, tmp_path_factory.mktemp("patch"), image_score="patch")
+
+
+@pytest.mark.parametrize("bank_name", ["tiny_bank", "patch_bank"])
+def test_graph_module_matches_the_engine_in_torch(bank_name, test_images, monkeypatch, request):
     """The module that is traced, run eagerly in torch (blocks of 16 rows): the engine's numbers to float
-    rounding."""
+    rounding, for either image score."""
     import torch
 
     monkeypatch.setattr(export, "BLOCK_ROWS", 16)
-    scorer = Scorer(bank_io.load(tiny_bank))
+    scorer = Scorer(bank_io.load(request.getfixturevalue(bank_name)))
     paths = test_images
     expected = scorer.score_paths(paths, keep_maps=True)
     images = torch.from_numpy(np.stack([export.preprocess_image(p, scorer.config) for p in paths]))

@@ -32,6 +32,11 @@ def test_eq7_reweighting_matches_a_hand_computation():
     )
     assert image_score(patches, distances[:, 0], nearest[:, 0], search, 1) == pytest.approx(3.0)
 
+    # image_score "map": the map's peak takes the place of s*, with the worst patch's eq. 7 weight.
+    d, n = distances[:, 0], nearest[:, 0]
+    assert image_score(patches, d, n, search, 3, peak=2.5) == pytest.approx(expected / 3.0 * 2.5, rel=1e-5)
+    assert image_score(patches, d, n, search, 1, peak=2.5) == 2.5
+
 
 @pytest.mark.parametrize("size", [224, 37, 6])
 def test_blur_matches_scipy_mirror_mode(size):
