@@ -99,6 +99,39 @@ def test_heatmap_peaks_at_the_defect(tmp_path):
     assert result.anomalous
 
 
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_a_defect_of_another_hue_at_the_same_brightness_is_found(tmp_path, fmt):
+    """Colour contrast survives decoding (PNG, and JPEG with its subsampled chroma), the resize and the
+    normalisation: a square that differs from the part only in hue, at the same luma, is flagged and
+    located. A pipeline that worked on grey levels would see no defect at all."""
+    rng = np.random.default_rng(1)
+    part, spot = np.array([170.0, 80.0, 80.0]), np.array([84.0, 120.0, 100.0])
+    luma = np.array([0.299, 0.587, 0.114])  # the weights of Pillow's (and JPEG's) grey conversion
+    assert abs(part @ luma - spot @ luma) < 0.5  # the premise: the same brightness
+
+    def picture(with_spot: bool) -> Image.Image:
+        pixels = part + rng.normal(0, 4, (96, 96, 3))
+        if with_spot:
+            pixels[56:76, 24:44] = spot + rng.normal(0, 4, (20, 20, 3))
+        return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(6):
+        picture(False).save(good / f"{i}.{fmt}", quality=90)
+    tests = [tmp_path / f"good_test.{fmt}", tmp_path / f"defect.{fmt}"]
+    picture(False).save(tests[0], quality=90)
+    picture(True).save(tests[1], quality=90)
+    grey = np.asarray(Image.open(tests[1]).convert("L"), dtype=float)
+    assert abs(grey[60:72, 28:40].mean() - grey[:40].mean()) < 3  # the spot is invisible in grey
+    config = config_mod.build(**{**TINY_CONFIG, "image_size": 96, "crop": 96, "coreset": 0.5})
+    scorer = Scorer(fit(list_images([good]), config).bank)
+    clean, defect = scorer.score_paths(tests, keep_maps=True)
+    assert defect.anomalous and not clean.anomalous
+    row, col = np.unravel_index(np.argmax(defect.anomaly_map), defect.anomaly_map.shape)
+    assert 48 <= row <= 84 and 16 <= col <= 52
+
+
 def test_threshold_is_mean_plus_k_std_of_good_scores():
     scores = np.array([1.0, 2.0, 3.0, 4.0])
     record = threshold_from_scores(scores, scores * 2, target_fpr=None, k=3.0)
