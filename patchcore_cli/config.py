@@ -24,7 +24,7 @@ _MEASURED = {
     "backbone": "efficientnet_lite0",
     "framing": "whole",
     "stage_weighting": "none",
-    "image_score": "patch",
+    "image_score": "map",
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {**_MEASURED, "crop": 224, "coreset": 0.01},

@@ -39,6 +39,8 @@ def test_preset_then_yaml_then_command_line(tmp_path):
     )
     assert config_mod.build(preset="accurate", stage_weighting="equal").stage_weighting == "equal"
     assert config_mod.build(preset="fast").crop == 224  # fast keeps the old default's speed
+    for preset in ("fast", "accurate"):
+        assert config_mod.build(preset=preset).image_score == "map"
 
 
 def test_unknown_preset():
