@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
 
     paths = list_images([args.images])
-    config = engine.auto_crop(config_mod.build(backbone=args.backbone), paths)  # `crop: auto`, as fit does
+    config = engine.resolve_auto(config_mod.build(backbone=args.backbone), paths)  # `crop: auto`, as fit does
     extractor = engine.Extractor(config)
     batches = engine.embed_paths(paths, [extractor], engine.Timings(), engine._Silent(), DEFAULT_MAX_PIXELS)
     training = engine.TrainingPatches.collect(batches)

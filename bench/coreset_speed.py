@@ -67,7 +67,7 @@ def main() -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    config = config_mod.build(backbone="efficientnet_lite0", crop=args.crop)
+    config = config_mod.resolve_rows(config_mod.build(backbone="efficientnet_lite0", crop=args.crop))
     paths = [getattr(sample, "path", sample) for sample in split_of(args.dataset).train]
     batches = engine.embed_paths(
         paths, [engine.Extractor(config)], engine.Timings(), engine._Silent(), DEFAULT_MAX_PIXELS

@@ -143,10 +143,11 @@ LayersOpt = Annotated[
 ]
 CoresetOpt = Annotated[float | None, typer.Option("--coreset", help="Coreset ratio in (0, 1]; default 0.1.")]
 CoresetMaxRowsOpt = Annotated[
-    int | None,
+    str | None,
     typer.Option(
         "--coreset-max-rows",
-        help="The most rows a bank keeps, 0 for no cap; past it the ratio falls. Default 100000.",
+        help="The most rows a bank keeps, past which the ratio falls: auto (default; 25 crop-sized "
+        "views' worth of patches: 19600 at 224, 40000 at 320), a row count, or 0 for no cap.",
         show_default=False,
     ),
 ]

@@ -243,7 +243,9 @@ def apportion(total: int, sizes: np.ndarray) -> np.ndarray:
 
 def bank_size(total: int, share: float, cap: int = 0) -> int:
     """Rows of the coreset of `total` rows: max(1, round(share * total)), at most `cap` rows when cap > 0
-    (`coreset_max_rows`), at most `total`."""
+    (`coreset_max_rows`, resolved: never auto), at most `total`."""
+    if cap < 0:
+        raise ValueError(f"coreset_max_rows must be resolved before the coreset (resolve_rows), got {cap}")
     size = max(1, round(share * total))
     if cap > 0:
         size = min(size, cap)

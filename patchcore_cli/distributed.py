@@ -736,12 +736,12 @@ def fit(
         Extractor,
         Timings,
         _Silent,
-        auto_crop,
         check_fit_images,
         combine_members,
         fit_from_shards,
         patch_counts,
         plan_fit,
+        resolve_auto,
         set_threads,
         view_sizes,
     )
@@ -749,7 +749,7 @@ def fit(
 
     progress = progress or _Silent()
     check_fit_images(paths)
-    config = auto_crop(config, paths)  # `crop: auto`, from the headers, as a local fit resolves it
+    config = resolve_auto(config, paths)  # `crop: auto` from the headers, and the row cap, as a local fit
     timings = Timings()
     limit = max_pixels or DEFAULT_MAX_PIXELS
     budget = default_max_memory() if max_memory is None else max_memory

@@ -21,7 +21,7 @@ import numpy as np
 
 from patchcore_cli import bank as bank_io
 from patchcore_cli.calibration import sigma_threshold, stored_promise, target_fpr_threshold
-from patchcore_cli.config import AUTO_CROP, FitConfig, resolve_crop
+from patchcore_cli.config import AUTO_CROP, FitConfig, resolve_crop, resolve_rows
 from patchcore_cli.errors import BankError, ConfigError, ImageError, InputError, WeightsError
 from patchcore_cli.features import embedding_dim
 from patchcore_cli.geometry import Framing, Geometry
@@ -131,10 +131,12 @@ def shorter_sides(paths: Sequence[Path | ImageBytes], sample: int = 256) -> list
     return sides
 
 
-def auto_crop(config: FitConfig, paths: Sequence[Path | ImageBytes]) -> FitConfig:
-    """`crop: auto` resolved for these training images (`config.resolve_crop`); their headers are read
-    only when the side is auto."""
-    return resolve_crop(config, shorter_sides(paths)) if config.crop == AUTO_CROP else config
+def resolve_auto(config: FitConfig, paths: Sequence[Path | ImageBytes]) -> FitConfig:
+    """`crop: auto` resolved for these training images (`config.resolve_crop`; their headers are read only
+    when the side is auto), then `coreset_max_rows: auto` for that side (`config.resolve_rows`)."""
+    if config.crop == AUTO_CROP:
+        config = resolve_crop(config, shorter_sides(paths))
+    return resolve_rows(config)
 
 
 def _source(path: Path | str | ImageBytes) -> Path | ImageBytes:
@@ -351,7 +353,7 @@ def fit(
     config = replace(config, device=device.resolve(config.device))  # a missing GPU fails before any work
     progress = progress or _Silent()
     check_fit_images(paths)
-    config = auto_crop(config, paths)
+    config = resolve_auto(config, paths)
     timings = Timings()
     set_threads(config.threads, config.index)
     limit = max_pixels or DEFAULT_MAX_PIXELS

@@ -71,7 +71,7 @@ def _cap_text(config: dict[str, Any], n_patches: int) -> str:
     cap = int(config.get("coreset_max_rows") or 0)
     if not cap or round(config["coreset"] * n_patches) <= cap:
         return ""
-    return f", capped at --coreset-max-rows {cap:,}: {cap / n_patches:.2%} of the patches"
+    return f", capped at {cap:,} rows (--coreset-max-rows): {cap / n_patches:.2%} of the patches"
 
 
 def fit_table(result: FitResult, out: Path) -> Table:

@@ -41,6 +41,40 @@ def test_preset_then_yaml_then_command_line(tmp_path):
     assert config_mod.build(preset="fast").crop == 224  # fast keeps the old default's speed
     for preset in ("fast", "accurate"):
         assert config_mod.build(preset=preset).image_score == "map"
+        assert config_mod.build(preset=preset).coreset_max_rows == 100_000  # as they were measured
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, 19_600),  # 25 views of layer2's 28 x 28 grid
+        ({"crop": 320}, 40_000),
+        ({"crop": 448}, 78_400),
+        ({"crop": 300}, 25 * 38 * 38),  # a part-covered stride still makes a patch
+        ({"layers": "layer1,layer2,layer3"}, 25 * 56 * 56),  # the finest stage sets the grid
+        ({"layers": "layer3"}, 25 * 14 * 14),
+        ({"backbone": "efficientnet_lite0+efficientnet_lite2"}, 19_600),
+        ({"coreset_max_rows": "auto"}, 19_600),
+        ({"coreset_max_rows": "20,000"}, 20_000),
+        ({"coreset_max_rows": 5000}, 5000),
+        ({"coreset_max_rows": 0}, 0),
+    ],
+)
+def test_the_auto_row_cap_is_25_views_of_patches_at_the_crop(options, expected):
+    config = config_mod.build(**{"backbone": "efficientnet_lite0", "crop": 224, **options})
+    assert config_mod.resolve_rows(config).coreset_max_rows == expected
+
+
+def test_a_bank_never_says_auto_for_its_row_cap():
+    from patchcore_cli.coreset import bank_size
+
+    assert config_mod.build().coreset_max_rows == config_mod.AUTO_ROWS
+    with pytest.raises(ValueError, match="resolved before the coreset"):
+        bank_size(1000, 0.1, config_mod.AUTO_ROWS)
+    stored = config_mod.build(backbone="efficientnet_lite0", crop=224).model_dict()
+    with pytest.raises(ConfigError, match="bank config: coreset_max_rows must be auto, 0"):
+        config_mod.from_bank(stored)  # fit stores the cap it resolved; -1 is never a stored value
+    assert config_mod.from_bank({**stored, "coreset_max_rows": 19_600}).coreset_max_rows == 19_600
 
 
 def test_unknown_preset():
@@ -128,7 +162,7 @@ def test_crop_reads_auto_and_sides_from_options_and_yaml(tmp_path):
 
 
 def test_a_bank_holds_the_side_it_was_fitted_at():
-    stored = config_mod.build().model_dict()
+    stored = {**config_mod.build().model_dict(), "coreset_max_rows": 19_600}
     assert "max_crop" not in stored  # how the side was chosen is not part of the model
     with pytest.raises(ConfigError, match="'crop' must be the side the bank was fitted at"):
         config_mod.from_bank(stored)

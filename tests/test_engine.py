@@ -209,7 +209,9 @@ def test_whole_framing_finds_a_defect_at_the_edge(tmp_path):
 
 
 def test_banks_from_before_framing_and_weighting_keep_their_behaviour():
-    stored = config_mod.build(**TINY_CONFIG, framing="whole", stage_weighting="equal").model_dict()
+    config = config_mod.build(**TINY_CONFIG, framing="whole", stage_weighting="equal")
+    fitted = config_mod.resolve_rows(config)
+    stored = fitted.model_dict()  # as fit stores it: the row cap resolved
     assert config_mod.from_bank(stored).framing == "whole"
     assert config_mod.from_bank(stored).stage_weighting == "equal"
     del stored["framing"], stored["stage_weighting"], stored["patch_size"]  # a bank from before them
@@ -218,7 +220,7 @@ def test_banks_from_before_framing_and_weighting_keep_their_behaviour():
 
 
 def test_banks_from_before_the_map_peak_keep_the_largest_patch_score():
-    stored = config_mod.build(**TINY_CONFIG).model_dict()
+    stored = config_mod.resolve_rows(config_mod.build(**TINY_CONFIG)).model_dict()
     assert config_mod.from_bank(stored).image_score == "map"  # the default for new banks
     del stored["image_score"]
     assert config_mod.from_bank(stored).image_score == "patch"
@@ -362,6 +364,7 @@ def test_auto_crop_follows_the_training_images_and_the_bank_keeps_the_side(tmp_p
     config = config_mod.build(**options, crop="auto", coreset=0.05, calibration_images=4)
     fitted = fit(good, config)
     assert fitted.bank.config["crop"] == 320  # median shorter side 340 reaches 320, not 448
+    assert fitted.bank.config["coreset_max_rows"] == 25 * 40 * 40  # auto: 25 views of layer2's grid at 320
     assert "max_crop" not in fitted.bank.config
     scorer = Scorer(fitted.bank)
     assert scorer.config.crop == 320

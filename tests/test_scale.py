@@ -498,8 +498,9 @@ def test_capped_fit_is_the_reference_coreset_of_cap_rows(train, config, tmp_path
 
 
 def test_coreset_max_rows_must_not_be_negative():
-    with pytest.raises(ConfigError, match="coreset_max_rows must be 0"):
-        config_mod.build(**TINY_CONFIG, coreset_max_rows=-1)
+    for value in (-1, -3, "-3", "many"):  # auto is spelled auto, never -1
+        with pytest.raises(ConfigError, match=r"coreset_max_rows must be auto, 0 \(no cap\)"):
+            config_mod.build(**TINY_CONFIG, coreset_max_rows=value)
 
 
 @pytest.mark.parametrize("budget", [None, 3 * 96], ids=["one-pass", "shards"])
@@ -718,12 +719,12 @@ def test_fit_caps_the_bank_from_the_cli_and_says_so(washer, tmp_path):
     assert json.loads(result.stdout)["bank_rows"] == 20
     assert bank_io.load(tmp_path / "b.st").config["coreset_max_rows"] == 20
     assert (
-        "capped at --coreset-max-rows 20: 3.91% of the patches"
+        "capped at 20 rows (--coreset-max-rows): 3.91% of the patches"
         in invoke(*args, "--coreset-max-rows", "20").stdout
     )
     assert "capped" not in invoke(*args, "--coreset-max-rows", "51").stdout  # the share is 51 rows
     bad = invoke(*args, "--coreset-max-rows", "-3")
-    assert bad.exit_code == 2 and "coreset_max_rows must be 0 (no cap)" in bad.output
+    assert bad.exit_code == 2 and "coreset_max_rows must be auto, 0 (no cap)" in bad.output
 
 
 def test_benchmark_takes_the_budget(washer):
