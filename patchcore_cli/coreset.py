@@ -19,16 +19,20 @@ of 164,000 EfficientNet-Lite0 patches takes about 3 s on two cores, where the na
 minute. Points spread evenly in many dimensions, such as Gaussian noise or the patches of a texture like
 Magnetic Tile, prune badly: there the covering radius is not much smaller than the typical distance, so a
 new center can take points from most clusters. When the pruned search costs more than the batched form of
-the naive loop would, it hands over to it. The farthest rows are taken several at a time, for as long as
-that provably gives the same order (`_batched_greedy`), and one pass over the rows then applies the whole
-batch. The pass rules out almost every row-center pair by the sketch before the exact distance: first on
-the sketch's 16 leading coordinates, from float32 products run along the rows (16 multiply-adds a pair,
-against 128 for the distance), then on the whole sketch. On the 373,184 Magnetic Tile patches at 224 this
-leaves 1 pair in 55 to the whole sketch and 1 in 480 to the distance at 8,000 picks (1 in 450 and 1 in
-5,000 at 30,000). Rows whose value has fallen far below the best candidate's are frozen, left out of the
-passes until a pick could reach them, and most are never needed again: there the passes take about half
-of the row-center pairs, and PatchCore-10% takes about 8-10 s, against 12-13 s without frozen rows and
-46 s without the sketch's first bound.
+the naive loop would, it hands over to it. From _DIRECT_ROWS rows on, the batched loop runs from the first
+pick: the pruned search's first picks take nearly every row, on one core, and on every patch set measured
+(bottle, capsule and Magnetic Tile at 224 and 320) it handed over after its first 64 picks anyway.
+
+The batched loop takes the farthest rows several at a time, for as long as that provably gives the same order
+(`_batched_greedy`), and one pass over the rows then applies the whole batch. The pass rules out almost every
+row-center pair by the sketch before the exact distance: first on the sketch's 16 leading coordinates, from
+float32 products run along the rows (16 multiply-adds a pair, against 128 for the distance), then on the whole
+sketch. On the 373,184 Magnetic Tile patches at 224 this leaves 1 pair in 55 to the whole sketch and 1 in 480
+to the distance at 8,000 picks (1 in 450 and 1 in 5,000 at 30,000). Rows whose value has fallen far below the
+best candidate's are frozen, left out of the passes until a pick could reach them, and most are never needed
+again: there the passes take about half of the row-center pairs, and PatchCore-10% took about 8-10 s, against
+12-13 s without frozen rows and 46 s without the sketch's first bound (before the cap on bank rows and the
+batched start; 4.1-4.8 s now).
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ _SCAN_BLOCK = 256  # centers per block in the vectorised center scan
 # batched pick about one _HANDOVER-th of a pass over the rows (measured on Magnetic Tile, capsule and bottle
 # patches, and the synthetic washer's: 2 to 16 all beat the earlier 1, within noise of each other).
 _WINDOW = 64
+# ... and from this many rows on the batched loop runs from the first pick (see the module's docstring).
+_DIRECT_ROWS = 1 << 16
 _EXACT_COST = 4
 _HANDOVER = 4
 # Exact distances only need reassociation (vectorised sums) and fused multiply-add; no NaN/inf shortcuts.
@@ -159,9 +165,14 @@ def greedy_coreset(
     if not np.isfinite(points).all():
         raise ValueError("features are too large: converting or projecting them to float32 overflows")
     sketch, tolerance = _sketch(points)
-    order, made, orig, nearest, row_sketch, centers, is_center = _greedy_kcenter(
-        points, sketch, tolerance, int(n_select), int(start)
-    )
+    if n >= _DIRECT_ROWS:
+        order, made, orig, nearest, row_sketch, centers, is_center = _first_pick(
+            points, sketch, n_select, start
+        )
+    else:
+        order, made, orig, nearest, row_sketch, centers, is_center = _greedy_kcenter(
+            points, sketch, tolerance, int(n_select), int(start)
+        )
     if made < n_select:
         del sketch  # the fallback reads the rows' sketches in `row_sketch`
         _batched_greedy(points, orig, nearest, row_sketch, tolerance, centers, order, is_center, made)
@@ -388,6 +399,30 @@ def _tree_update(tree: np.ndarray, leaf: int, radius2: np.ndarray, far: np.ndarr
         right = tree[2 * node + 1]
         tree[node] = left if _wins(left, right, radius2, far) else right
         node //= 2
+
+
+def _first_pick(
+    points: np.ndarray, sketch: np.ndarray, n_select: int, start: int
+) -> tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    # The state after the first pick, as `_greedy_kcenter` returns it when it hands over: every row's
+    # squared distance to the start, in the rows' own order.
+    n = points.shape[0]
+    order = np.empty(n_select, dtype=np.int64)
+    order[0] = start
+    is_center = np.zeros(n, dtype=np.bool_)
+    is_center[start] = True
+    centers = np.empty((n_select, points.shape[1]), dtype=np.float32)
+    centers[0] = points[start]
+    return order, 1, np.arange(n), _distances_to(points, centers, 0), sketch, centers, is_center
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH, parallel=True)
+def _distances_to(points: np.ndarray, centers: np.ndarray, j: int) -> np.ndarray:
+    # Squared distances (`_sqdist`) of every row of `points` to centers[j].
+    out = np.empty(points.shape[0], dtype=np.float64)
+    for i in numba.prange(points.shape[0]):
+        out[i] = _sqdist(points, i, centers, j)
+    return out
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)

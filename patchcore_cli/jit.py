@@ -108,6 +108,7 @@ def warm_up() -> list[Warmed]:
         # Points spread evenly in 16 dimensions: the pruned search hands over to the batched fallback.
         spread = rng.standard_normal((1024, 16)).astype(np.float32)
         coreset.greedy_coreset(spread, 130, projection_dim=None, seed=0)
+        coreset._distances_to(points, points, 0)  # the first pick's distances on large inputs
 
     def find() -> None:
         index = search.ClusterIndex(points, sources)

@@ -332,6 +332,38 @@ def test_batched_fallback_is_the_same_on_any_number_of_threads() -> None:
     np.testing.assert_array_equal(results[0][0], brute_force_greedy(features, 1500, 11))
 
 
+@pytest.mark.parametrize("kind", ["normal", "ternary", "binary", "duplicates"])
+def test_large_inputs_start_in_the_batched_loop_with_the_same_order(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At _DIRECT_ROWS rows and more the pruned search is skipped: its first picks scan every row on one
+    # core. Lowered here so that a small problem takes that path; the pruned search must not run.
+    features = fallback_data(kind)
+    n_select = min(len(features), 700)
+    expected = brute_force_greedy(features, n_select, 7)
+    np.testing.assert_array_equal(greedy_coreset(features, n_select, projection_dim=None, start=7), expected)
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the pruned search ran")
+
+    monkeypatch.setattr(coreset, "_DIRECT_ROWS", len(features))
+    monkeypatch.setattr(coreset, "_greedy_kcenter", refuse)
+    for k in (1, 2, n_select):
+        got = greedy_coreset(features, k, projection_dim=None, start=7)
+        np.testing.assert_array_equal(got, expected[:k])
+
+
+def test_the_batched_start_takes_every_row_and_ties_to_the_lowest_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(coreset, "_DIRECT_ROWS", 1)
+    features = np.zeros((6, 3), dtype=np.float32)
+    features[4] = 1.0
+    np.testing.assert_array_equal(
+        greedy_coreset(features, 6, projection_dim=None, start=2), [2, 4, 0, 1, 3, 5]
+    )
+
+
 @pytest.mark.parametrize("kind", ["normal", "binary", "duplicates"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_frozen_rows_come_back_in_time(kind: str, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -138,6 +138,7 @@ print(json.dumps([warmed, signatures()]))
     assert after == warmed
     assert (
         warmed["patchcore_cli.coreset._greedy_kcenter"] == 1
+        and warmed["patchcore_cli.coreset._distances_to"] == 1
         and warmed["patchcore_cli.coreset._batch_pass"] == 1
         and warmed["patchcore_cli.search._nearest"] == 1
         and warmed["patchcore_cli.search._dense_pick"] == 1
