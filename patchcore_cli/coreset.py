@@ -706,7 +706,10 @@ def _batched_greedy(
                 apply_new(np.sort(thawed[since[thawed] == when]), int(when), t)
             cold = nearest[thawed] < _FREEZE * best
             freeze(thawed[cold], t)
-            active = np.union1d(active, thawed[~cold])
+            in_pass = np.zeros(n, dtype=np.bool_)  # a mask, not np.union1d: no sort of the rows
+            in_pass[active] = True
+            in_pass[thawed[~cold]] = True
+            active = np.flatnonzero(in_pass)
             leading = apply_new(active, t, t)  # no picks: the candidates, the thawed rows among them
             continue
         start = t
