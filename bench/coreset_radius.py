@@ -20,11 +20,10 @@ import time
 
 def main() -> None:
     import numpy as np
-    from speed import split_of
+    from speed import training_rows
 
     from patchcore_cli import config as config_mod
-    from patchcore_cli import coreset, engine
-    from patchcore_cli.data import DEFAULT_MAX_PIXELS
+    from patchcore_cli import coreset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset")
@@ -33,11 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = config_mod.resolve_rows(config_mod.build(backbone="efficientnet_lite0", crop=args.crop))
-    paths = [getattr(sample, "path", sample) for sample in split_of(args.dataset).train]
-    batches = engine.embed_paths(
-        paths, [engine.Extractor(config)], engine.Timings(), engine._Silent(), DEFAULT_MAX_PIXELS
-    )
-    rows = np.asarray(engine.TrainingPatches.collect(batches).rows, dtype=np.float32)
+    rows = np.asarray(training_rows(args.dataset, config), dtype=np.float32)
     n_select = coreset.bank_size(len(rows), config.coreset, config.coreset_max_rows)
     print(json.dumps({"dataset": args.dataset, "crop": args.crop, "rows": rows.shape, "picks": n_select}))
     reference = None

@@ -51,11 +51,10 @@ print(json.dumps({"seconds": round(seconds, 2), **counts}))
 
 def main() -> None:
     import numpy as np
-    from speed import split_of
+    from speed import training_rows
 
     from patchcore_cli import config as config_mod
-    from patchcore_cli import coreset, engine
-    from patchcore_cli.data import DEFAULT_MAX_PIXELS
+    from patchcore_cli import coreset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset")
@@ -68,11 +67,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     config = config_mod.resolve_rows(config_mod.build(backbone="efficientnet_lite0", crop=args.crop))
-    paths = [getattr(sample, "path", sample) for sample in split_of(args.dataset).train]
-    batches = engine.embed_paths(
-        paths, [engine.Extractor(config)], engine.Timings(), engine._Silent(), DEFAULT_MAX_PIXELS
-    )
-    rows = engine.TrainingPatches.collect(batches).rows
+    rows = training_rows(args.dataset, config)
     projected = work / "projected.npy"
     np.save(projected, coreset.random_projection(rows, config.projection_dim, config.seed))
     n_select = coreset.bank_size(len(rows), config.coreset, config.coreset_max_rows)

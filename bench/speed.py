@@ -38,6 +38,18 @@ def split_of(dataset: str):
     return mvtec_category(folder.parent, folder.name)
 
 
+def training_rows(dataset: str, config):
+    """The patch rows of DATASET's training images (`split_of`), embedded as `fit` embeds them, N x D."""
+    from patchcore_cli import engine
+    from patchcore_cli.data import DEFAULT_MAX_PIXELS
+
+    paths = [getattr(sample, "path", sample) for sample in split_of(dataset).train]
+    batches = engine.embed_paths(
+        paths, [engine.Extractor(config)], engine.Timings(), engine._Silent(), DEFAULT_MAX_PIXELS
+    )
+    return engine.TrainingPatches.collect(batches).rows
+
+
 def search_path(scorer) -> dict | None:
     """Which exact search path the index chose, and the trial seconds (checkouts before the dense path:
     None)."""
