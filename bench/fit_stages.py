@@ -15,7 +15,7 @@ import argparse
 import json
 import time
 
-from speed import split_of
+from speed import training_paths
 
 from patchcore_cli import config as config_mod
 from patchcore_cli import coreset, engine
@@ -48,8 +48,7 @@ def main() -> None:
             setattr(coreset, name, timed(name))
     crop = args.crop if args.crop == "auto" else int(args.crop)
     config = config_mod.build(backbone="efficientnet_lite0", crop=crop)
-    paths = [getattr(sample, "path", sample) for sample in split_of(args.dataset).train]
-    result = engine.fit(paths, config)
+    result = engine.fit(training_paths(args.dataset), config)
     seconds = result.timings.seconds
     line = {stage: round(value, 2) for stage, value in seconds.items()}
     line["rows"] = int(result.bank.memory_bank.shape[0])

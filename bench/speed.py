@@ -38,12 +38,17 @@ def split_of(dataset: str):
     return mvtec_category(folder.parent, folder.name)
 
 
+def training_paths(dataset: str) -> list:
+    """The paths of DATASET's training images (`split_of`), as `fit` takes them."""
+    return [getattr(sample, "path", sample) for sample in split_of(dataset).train]
+
+
 def training_rows(dataset: str, config):
-    """The patch rows of DATASET's training images (`split_of`), embedded as `fit` embeds them, N x D."""
+    """The patch rows of DATASET's training images, embedded as `fit` embeds them, N x D."""
     from patchcore_cli import engine
     from patchcore_cli.data import DEFAULT_MAX_PIXELS
 
-    paths = [getattr(sample, "path", sample) for sample in split_of(dataset).train]
+    paths = training_paths(dataset)
     batches = engine.embed_paths(
         paths, [engine.Extractor(config)], engine.Timings(), engine._Silent(), DEFAULT_MAX_PIXELS
     )
