@@ -98,7 +98,6 @@ def main() -> None:
             "aupro_good_fpr": round(metrics._aupro_from_split(picked, defect, good_pixels, 0.3), 4),
         }
 
-    defective = np.flatnonzero(kinds != "good")
     per_type = {
         kind: both(np.concatenate([good, np.flatnonzero(kinds == kind)]))
         for kind in sorted(set(kinds) - {"good"})
@@ -117,7 +116,7 @@ def main() -> None:
             "at_or_above_good_p95": round(float((pooled >= p95).mean()), 3),
             "median_score": round(float(np.median(pooled)), 2),
         }
-    summary = {"bank": args.bank, "dataset": args.dataset, **both(np.concatenate([good, defective]))}
+    summary = {"bank": args.bank, "dataset": args.dataset, **both(np.arange(len(samples)))}
     if args.average:
         peaks = np.array([m.max() for m in maps])
         summary["average"] = args.average
